@@ -1,0 +1,291 @@
+"""Validated inputs: energy protocol, evaluation spec, variant steps.
+
+Every input is a frozen pydantic model with ``extra="forbid"``, so a typo in a recipe or a
+variant file fails loudly with its field path. Inputs carry a ``version`` and round-trip
+through YAML/JSON unchanged.
+
+Example:
+    >>> from greenopt.config import Variant, QuantizeStep, Target
+    >>> v = Variant(steps=[QuantizeStep(method="hqq", bits=4, group_size=64,
+    ...                                  target=Target(include=["*mlp*"]))])
+    >>> len(v.hash)
+    12
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from greenopt.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base for every input: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- protocol
+
+
+class Protocol(Strict):
+    """Energy protocol GO-1 (shared/ENERGY.md §2). Lengths are in tokens, durations in s."""
+
+    version: Literal[1] = 1
+    preset: str = "go1"
+    batch_size: int = Field(1, ge=1)
+    prompt_tokens: int = Field(256, ge=1)
+    new_tokens: int = Field(256, ge=1)
+    warmup_generations: int = Field(3, ge=0)
+    warmup_min_s: float = Field(3.0, ge=0)
+    trials: int = Field(5, ge=1)
+    trial_min_s: float = Field(10.0, ge=0)
+    trial_min_tokens: int = Field(512, ge=1)
+    cv_max: float = Field(0.05, gt=0)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        """Protocol id, e.g. ``GO-1/b1`` or ``GO-1/b1/p64-n32`` for a smaller preset."""
+        base = f"GO-{self.version}/b{self.batch_size}"
+        if (self.prompt_tokens, self.new_tokens) != (256, 256):
+            base += f"/p{self.prompt_tokens}-n{self.new_tokens}"
+        return base
+
+
+PROTOCOL_PRESETS: dict[str, Protocol] = {
+    # The spec's protocol: 256 prompt + 256 new tokens, 5 trials of >= 10 s and 512 tokens.
+    "go1": Protocol(),
+    # CPU-sized: a 135M model on 2 cores finishes a baseline+candidate pair in a few minutes.
+    "cpu": Protocol(preset="cpu", prompt_tokens=64, new_tokens=32, warmup_generations=3,
+                    warmup_min_s=2.0, trials=5, trial_min_s=3.0, trial_min_tokens=64),
+    # Search fidelity 0: a cheap first look used to prune hopeless trials.
+    "quick": Protocol(preset="quick", prompt_tokens=32, new_tokens=16, warmup_generations=1,
+                      warmup_min_s=0.5, trials=5, trial_min_s=1.0, trial_min_tokens=32),
+    # Tests only: tiny models, no minimum duration.
+    "smoke": Protocol(preset="smoke", prompt_tokens=8, new_tokens=4, warmup_generations=1,
+                      warmup_min_s=0.0, trials=5, trial_min_s=0.0, trial_min_tokens=4),
+}
+
+
+def protocol_preset(name: str, **overrides: Any) -> Protocol:
+    """Returns the named protocol preset, with field overrides applied.
+
+    Raises:
+        ConfigError: unknown preset name or an invalid override.
+    """
+    if name not in PROTOCOL_PRESETS:
+        raise ConfigError(f"unknown protocol preset {name!r}; choose one of {', '.join(PROTOCOL_PRESETS)}")
+    base = PROTOCOL_PRESETS[name]
+    return validated(Protocol, {**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}},
+                     where=f"protocol {name}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class EvalSpec(Strict):
+    """Which accuracy tasks to run and how many items each (``limit=None``: full sets)."""
+
+    version: Literal[1] = 1
+    tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    limit: int | None = Field(100, ge=1)
+    seed: int = 1234
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+
+
+# ---------------------------------------------------------------------------- variants
+
+
+class Target(Strict):
+    """Which modules a step touches, by qualified module name.
+
+    Patterns are globs (``*mlp*``) or regexes prefixed ``re:``. ``layers`` restricts to
+    decoder layer indices, e.g. ``"0-3,28"``. ``lm_head`` and ``model.embed_tokens`` are
+    ordinary names and can be targeted.
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head", "*embed*")
+    layers: str | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_syntax(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_layers(v)
+        return v
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """Parses ``"0-3,28"`` into ``(0, 1, 2, 3, 28)``. Raises ValueError on bad syntax."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad layer range {part!r}; write e.g. '0-3,28'")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a:
+            raise ValueError(f"layer range {part!r} runs backwards")
+        out.extend(range(a, b + 1))
+    return tuple(sorted(set(out)))
+
+
+QuantMethod = Literal["rtn", "hqq", "bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", "gptq"]
+
+
+class QuantOverride(Strict):
+    """Per-layer override inside a quantize step; the first matching override wins."""
+
+    target: Target
+    bits: Literal[16, 8, 4, 3, 2] | None = None
+    group_size: int | None = None
+    method: QuantMethod | None = None
+
+
+class QuantizeStep(Strict):
+    """Weight quantization of Linear layers. ``bits=16`` leaves a module unquantized."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: QuantMethod = "hqq"
+    bits: Literal[16, 8, 4, 3, 2] = 4
+    group_size: int | None = Field(64, ge=1)
+    threshold: float = Field(6.0, ge=0)  # bnb LLM.int8 outlier threshold; 0 = pure int8
+    target: Target = Target()
+    overrides: tuple[QuantOverride, ...] = ()
+
+
+class PruneStep(Strict):
+    """Weight pruning: unstructured (any sparsity) or 2:4 semi-structured."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["magnitude", "wanda"] = "wanda"
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    target: Target = Target()
+
+
+class WidthStep(Strict):
+    """Structured width pruning: keep a fraction of FFN channels and of KV head groups."""
+
+    kind: Literal["width"] = "width"
+    ffn_keep: float = Field(1.0, gt=0, le=1)
+    heads_keep: float = Field(1.0, gt=0, le=1)
+    score: Literal["activation", "magnitude"] = "activation"
+    layers: str | None = None
+
+
+class DepthStep(Strict):
+    """Depth pruning: drop whole decoder layers by measured importance (or explicitly)."""
+
+    kind: Literal["depth"] = "depth"
+    drop: int = Field(0, ge=0)
+    score: Literal["angular"] = "angular"
+    layers: str | None = None  # explicit layers to drop; overrides the score when given
+
+
+class MoefyStep(Strict):
+    """MoE-style sparsification of dense FFNs: E experts, top-k run per token."""
+
+    kind: Literal["moefy"] = "moefy"
+    experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    layers: str | None = None
+
+    @model_validator(mode="after")
+    def _k_le_e(self) -> "MoefyStep":
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+class ExpertPruneStep(Strict):
+    """For models that are already MoE: drop rarely-routed experts, lower top-k."""
+
+    kind: Literal["expert_prune"] = "expert_prune"
+    keep: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+
+
+Step = Annotated[
+    Union[QuantizeStep, PruneStep, WidthStep, DepthStep, MoefyStep, ExpertPruneStep],
+    Field(discriminator="kind"),
+]
+
+
+class Variant(Strict):
+    """An ordered list of compression steps. The empty variant is the baseline."""
+
+    version: Literal[1] = 1
+    name: str | None = None
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def hash(self) -> str:
+        """Stable 12-hex-digit hash of the steps (the name does not count)."""
+        payload = json.dumps([s.model_dump(mode="json") for s in self.steps], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.steps
+
+
+class CalibSpec(Strict):
+    """Calibration sample shared by every move that needs one (never evaluation items)."""
+
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _path_of(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def validated(model: type[Strict], data: Any, where: str = "") -> Any:
+    """Validates ``data`` into ``model``; raises ConfigError naming the first bad field path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        prefix = f"{where}: " if where else ""
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{prefix}{_path_of(err['loc'])}: {err['msg']}{more}") from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Reads a YAML file; raises ConfigError for missing or malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{at}") from None
+
+
+def load_variant(path: str | Path) -> Variant:
+    """Loads a variant file (YAML or JSON)."""
+    return validated(Variant, load_yaml(path), where=str(path))
+
+
+def dump_yaml(obj: Strict) -> str:
+    """Serialises an input model to YAML that loads back to an equal object."""
+    return yaml.safe_dump(obj.model_dump(mode="json"), sort_keys=False)
