@@ -1,0 +1,148 @@
+"""Assess one model: measure J/token against its baseline, evaluate accuracy, grade, card.
+
+This is the library side of ``greenopt measure`` and of ``greenopt verify``:
+``assess(AssessSpec(...)) -> Assessment``.
+
+Example:
+    >>> from greenopt.assess import AssessSpec, assess
+    >>> result = assess(AssessSpec(model="default", protocol="cpu"))  # doctest: +SKIP
+    >>> result.card.relative.display                                     # doctest: +SKIP
+    '~E (E-F, estimated)'
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
+from greenopt.errors import ConfigError
+from greenopt.records import ApplyReport, Comparison, EvalResult
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class AssessSpec(Strict):
+    """What to assess and how. ``baseline=None`` means the uncompressed ``model`` itself."""
+
+    model: str
+    baseline: str | None = None
+    variant: Variant = Variant()
+    protocol: Protocol | str = "cpu"
+    eval: EvalSpec | None = EvalSpec()
+    meter: str = "auto"
+    cpu_watts: float | None = Field(None, gt=0)
+    device: str = "auto"
+    dtype: str | None = None
+    relative_scheme: str = "relative-eu"
+    absolute_scheme: str | None = "absolute-go1"
+    intensity_g_per_kwh: float = Field(475.0, gt=0)
+    trust_remote_code: bool = False
+
+    def resolved_protocol(self) -> Protocol:
+        return self.protocol if isinstance(self.protocol, Protocol) else protocol_preset(self.protocol)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The outcome: the card plus the records it was built from, and the live candidate model."""
+
+    card: object  # greenopt.card.LabelCard
+    comparison: Comparison
+    candidate_eval: EvalResult
+    baseline_eval: EvalResult
+    apply_report: ApplyReport | None
+    candidate: torch.nn.Module
+    tokenizer: object
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def preflight(spec: AssessSpec):
+    """Checks everything that can fail cheaply before any model work; returns (protocol, meter, schemes)."""
+    from greenopt.label import load_scheme
+    from greenopt.measure.select import select_meter
+
+    protocol = spec.resolved_protocol()
+    if spec.eval is not None and spec.eval.tasks:
+        from greenopt.evaluate import validate_tasks
+
+        validate_tasks(spec.eval.tasks)
+    rel = load_scheme(spec.relative_scheme)
+    abs_ = load_scheme(spec.absolute_scheme) if spec.absolute_scheme else None
+    meter = select_meter(spec.meter, cpu_watts=spec.cpu_watts, device=resolve_device(spec.device))
+    return protocol, meter, rel, abs_
+
+
+def _empty_eval(spec: EvalSpec | None) -> EvalResult:
+    return EvalResult(scores=(), limit=spec.limit if spec else None, seed=spec.seed if spec else 0)
+
+
+def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
+    """Measures, evaluates and labels ``spec.model`` (with ``spec.variant`` applied).
+
+    Args:
+        spec: model, baseline, variant, protocol, tasks, meter and label schemes.
+        progress: ``progress(stage, done, total)`` callback for progress bars.
+
+    Returns:
+        Assessment with the label card.
+
+    Raises:
+        GreenoptError: bad input or an unusable meter, before any model work where possible.
+    """
+    from greenopt.card import build_card, current_runtime
+    from greenopt.compress import apply
+    from greenopt.evaluate import evaluate
+    from greenopt.measure.workload import compare
+    from greenopt.models import load_model
+
+    protocol, meter, rel, abs_ = preflight(spec)
+    device = resolve_device(spec.device)
+    dtype = spec.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, tok, info = load_model(spec.model, dtype=dtype, device=device,
+                                  trust_remote_code=spec.trust_remote_code)
+    if spec.baseline is None or spec.baseline == spec.model:
+        baseline = copy.deepcopy(model) if spec.variant.steps else model
+    else:
+        baseline, _, _ = load_model(spec.baseline, dtype=dtype, device=device,
+                                    trust_remote_code=spec.trust_remote_code)
+    report = None
+    if spec.variant.steps:
+        from greenopt.compress import check
+
+        check(model, spec.variant)
+        report = apply(model, spec.variant, tokenizer=tok, progress=progress)
+    comparison = compare(baseline, model, tok, protocol, meter, progress=progress)
+    if spec.eval is not None and spec.eval.tasks:
+        cand_eval = evaluate(model, tok, spec.eval, progress=progress)
+        base_eval = cand_eval if baseline is model else evaluate(baseline, tok, spec.eval, progress=progress)
+    else:
+        cand_eval = base_eval = _empty_eval(spec.eval)
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    card = build_card(
+        model_id=info.model_id, variant_name=spec.variant.name or ("baseline" if not spec.variant.steps
+                                                                    else spec.variant.hash),
+        variant_hash=spec.variant.hash, comparison=comparison, candidate_eval=cand_eval,
+        baseline_eval=base_eval, runtime=current_runtime(protocol, attention, dtype),
+        relative_scheme=rel, absolute_scheme=abs_, intensity_g_per_kwh=spec.intensity_g_per_kwh,
+        apply_report=report,
+    )
+    return Assessment(card=card, comparison=comparison, candidate_eval=cand_eval, baseline_eval=base_eval,
+                      apply_report=report, candidate=model, tokenizer=tok)

@@ -1,0 +1,146 @@
+"""Handlers for ``fetch``, ``env`` and ``measure``, and the shared progress renderer."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool = True) -> Iterator:
+    """Yields a ``progress(stage, done, total)`` callback drawing one bar per stage on stderr."""
+    if not enabled or not console.is_terminal:
+        last: dict[str, int] = {}
+
+        def plain(stage: str, done: int, total: int) -> None:
+            if done == 0 or done == total:
+                if last.get(stage) != done:
+                    console.print(f"[dim]{stage}: {done}/{total}[/dim]")
+                    last[stage] = done
+
+        yield plain
+        return
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=max(total, 1))
+            bars.update(tasks[stage], completed=done, total=max(total, 1))
+
+        yield update
+
+
+def cmd_fetch(args) -> int:
+    from greenopt import data
+    from greenopt.evaltasks import prepare_tasks
+    from greenopt.models import default_model_dir
+
+    for name, path in data.fetch_all().items():
+        console.print(f"[green]ok[/green] {name}: {path}")
+    console.print(f"[green]ok[/green] default model: {default_model_dir()}")
+    console.print(f"[green]ok[/green] offline tasks: {prepare_tasks()}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    from greenopt.measure.select import meter_report
+
+    statuses = meter_report()
+    facts = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.cuda.is_available(),
+             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if args.json:
+        from greenopt.cli import emit_json
+
+        emit_json({"environment": facts, "meters": [s.model_dump() for s in statuses]})
+        return 0
+    t = Table(title="energy meters on this machine")
+    for col in ("meter", "available", "tier", "why"):
+        t.add_column(col)
+    for s in statuses:
+        t.add_row(s.name, "yes" if s.available else "no", s.tier, s.reason)
+    out.print(t)
+    out.print(f"python {facts['python']}, torch {facts['torch']}, CUDA: {facts['gpu'] or 'not available'}")
+    return 0
+
+
+def protocol_from_args(args):
+    from greenopt.config import protocol_preset
+
+    return protocol_preset(args.protocol, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                           trials=args.trials, batch_size=args.batch_size)
+
+
+def cmd_measure(args) -> int:
+    from greenopt.assess import AssessSpec, assess
+    from greenopt.card import write_card
+    from greenopt.config import EvalSpec, Variant, load_variant
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tasks = ("arc_easy", "piqa") if args.tasks is None else tuple(args.tasks)
+    spec = AssessSpec(
+        model=args.model, baseline=args.baseline,
+        variant=load_variant(args.variant) if args.variant else Variant(),
+        protocol=protocol_from_args(args),
+        eval=EvalSpec(tasks=tasks, limit=args.limit or None) if tasks else None,
+        meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype,
+        relative_scheme=args.scheme, absolute_scheme=args.absolute_scheme,
+        intensity_g_per_kwh=args.intensity or 475.0, trust_remote_code=args.trust_remote_code,
+    )
+    with progress_bars(not args.json) as progress:
+        result = assess(spec, progress=progress)
+    out_dir = Path(args.out or Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}")
+    paths = write_card(result.card, out_dir)
+    if args.json:
+        from greenopt.cli import emit_json
+        from greenopt.card import render_json
+
+        import json
+
+        emit_json({"card": json.loads(render_json(result.card)), "files": {k: str(v) for k, v in paths.items()}})
+        return 0
+    render_card_summary(result.card)
+    out.print(f"card written: {paths['markdown']}, {paths['svg']}, {paths['json']}")
+    return 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
+
+
+def render_card_summary(card) -> None:
+    """Prints the label card's key lines; every number with tier, device and protocol."""
+    e, b = card.candidate, card.baseline
+    out.print(f"[bold]{card.model_id}[/bold]  variant {card.variant.name} ({card.variant.hash})")
+    out.print(f"  class (relative, {card.relative_scheme.name} v{card.relative_scheme.version}): "
+              f"[bold]{card.relative.display}[/bold]   EEI {card.relative.value:.1f} "
+              f"[95% {card.relative.interval[0]:.1f}-{card.relative.interval[1]:.1f}]")
+    abs_line = card.absolute.display if card.absolute else (card.absolute_note or "not graded")
+    out.print(f"  J/token {e.joules_per_token:.4g} [95% {e.joules_per_token_ci[0]:.4g}-{e.joules_per_token_ci[1]:.4g}]"
+              f"  (baseline {b.joules_per_token:.4g})  absolute class: {abs_line}")
+    out.print(f"  tokens/s {e.tokens_per_s:.1f} (baseline {b.tokens_per_s:.1f})")
+    out.print(f"  tier {card.tier} ({card.device.meter}: {card.device.boundary}); device {card.device.name}; "
+              f"protocol {card.protocol_id}")
+    for t in card.accuracy:
+        out.print(f"  {t.task} {t.metric}: {t.value:.4f} (baseline {t.baseline_value:.4f}), n={t.n}")
+    out.print(f"  carbon {card.carbon.g_per_1k_tokens:.4g} gCO2e per 1000 tokens at "
+              f"{card.carbon.intensity_g_per_kwh:g} g/kWh")
+

@@ -1,0 +1,96 @@
+"""What a model costs: parameter bytes, weight bits per layer, sparsity, FLOPs per token.
+
+Replacement modules written by the moves may expose three optional hooks, honoured here:
+``greenopt_bits`` (effective stored bits per weight, scales included),
+``greenopt_flops_per_token()`` (multiply-add FLOPs the module really executes per token),
+``greenopt_fast_kernel`` (True when a kernel faster than dense fp runs on this device).
+FLOPs count what the kernels execute: unstructured zeros in a dense matmul still cost FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from greenopt.compress.targeting import layer_index
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Logical parameters (tied tensors once); packed quantized weights count by their hook."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers as stored (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.numel() == 0 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _own_flops(m: torch.nn.Module) -> int | None:
+    hook = getattr(m, "greenopt_flops_per_token", None)
+    if callable(hook):
+        return int(hook())
+    if isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
+        return 2 * int(m.in_features) * int(m.out_features)
+    return None
+
+
+def flops_per_token(model: torch.nn.Module) -> int:
+    """Matmul FLOPs per generated token (2 x multiply-adds), attention scores excluded."""
+    total, skip = 0, ()
+    for name, m in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        f = _own_flops(m)
+        if f is not None:
+            total += f
+            skip = tuple(s for s in (name + ".",) if name)
+    return total
+
+
+def bits_per_layer(model: torch.nn.Module) -> dict[str, float]:
+    """Effective stored bits per weight of each Linear-like module (16/32 when dense)."""
+    out = {}
+    for name, m in model.named_modules():
+        bits = getattr(m, "greenopt_bits", None)
+        if bits is None and isinstance(m, torch.nn.Linear):
+            bits = float(m.weight.element_size() * 8)
+        if bits is not None:
+            out[name] = float(bits)
+    return out
+
+
+def sparsity(model: torch.nn.Module) -> float:
+    """Fraction of exact zeros over all dense Linear weights (0.0 when none)."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point():
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return zeros / total if total else 0.0
+
+
+def fast_kernel(model: torch.nn.Module) -> bool | None:
+    """True/False when any module says; None when no module uses a special kernel."""
+    flags = [getattr(m, "greenopt_fast_kernel") for m in model.modules()
+             if getattr(m, "greenopt_fast_kernel", None) is not None]
+    return all(flags) if flags else None
+
+
+def layers_of(names) -> dict[int, list[str]]:
+    """Groups qualified names by decoder layer index."""
+    out: dict[int, list[str]] = {}
+    for n in names:
+        i = layer_index(n)
+        if i is not None:
+            out.setdefault(i, []).append(n)
+    return out
