@@ -1,0 +1,142 @@
+"""Statistics for protocol GO-1: median over trials, bootstrap intervals, spread.
+
+Pure functions over sequences of floats; every random draw comes from a seeded
+``numpy.random.Generator``, so the same inputs and seed give the same interval.
+
+    >>> median([3.0, 1.0, 2.0])
+    2.0
+    >>> coefficient_of_variation([1.0, 2.0, 3.0])
+    0.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+_LEVEL = 0.95
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``.
+
+    Args:
+        values: at least one number.
+
+    Returns:
+        The median (mean of the two middle values for an even count).
+
+    Raises:
+        ValueError: ``values`` is empty.
+    """
+    x = _array(values)
+    return float(np.median(x))
+
+
+def coefficient_of_variation(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1) divided by the mean; 0.0 for fewer than two values.
+
+    Args:
+        values: at least one number with a non-zero mean.
+
+    Returns:
+        The coefficient of variation as a fraction (0.05 = 5%).
+
+    Raises:
+        ValueError: ``values`` is empty or its mean is zero.
+    """
+    x = _array(values)
+    if x.size < 2:
+        return 0.0
+    mean = float(x.mean())
+    if mean == 0.0:
+        raise ValueError("coefficient of variation is undefined for a zero mean")
+    return float(x.std(ddof=1) / abs(mean))
+
+
+def bootstrap_median_ci(values: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the median.
+
+    Args:
+        values: the per-trial figures (e.g. J/token), at least one.
+        resamples: number of bootstrap resamples (protocol.bootstrap_resamples).
+        seed: seed of the ``numpy.random.Generator``.
+
+    Returns:
+        ``(low, high)``, the 2.5th and 97.5th percentiles of the resampled medians.
+
+    Raises:
+        ValueError: ``values`` is empty or ``resamples`` < 1.
+    """
+    x = _array(values)
+    rng = np.random.default_rng(seed)
+    meds = _resampled_medians(x, resamples, rng)
+    return _percentile_interval(meds)
+
+
+def eei_point(baseline_jpt: Sequence[float], candidate_jpt: Sequence[float]) -> float:
+    """Energy efficiency index: 100 x median(candidate) / median(baseline).
+
+    Args:
+        baseline_jpt: baseline J/token per trial.
+        candidate_jpt: candidate J/token per trial.
+
+    Returns:
+        The EEI (100 = same energy per token as the baseline).
+
+    Raises:
+        ValueError: either side is empty or the baseline median is not positive.
+    """
+    base = median(baseline_jpt)
+    if base <= 0:
+        raise ValueError(f"baseline median J/token must be positive, got {base}")
+    return 100.0 * median(candidate_jpt) / base
+
+
+def eei_interval(baseline_jpt: Sequence[float], candidate_jpt: Sequence[float],
+                 resamples: int, seed: int) -> tuple[float, float]:
+    """Bootstrap 95% interval of the EEI, resampling each side independently.
+
+    Each resample draws the baseline trials and the candidate trials with replacement,
+    separately, and computes 100 x median(candidate*) / median(baseline*).
+
+    Args:
+        baseline_jpt: baseline J/token per trial.
+        candidate_jpt: candidate J/token per trial.
+        resamples: number of bootstrap resamples (protocol.bootstrap_resamples).
+        seed: seed of the ``numpy.random.Generator``.
+
+    Returns:
+        ``(low, high)`` EEI bounds.
+
+    Raises:
+        ValueError: either side is empty, ``resamples`` < 1, or a baseline value is not positive.
+    """
+    b, c = _array(baseline_jpt), _array(candidate_jpt)
+    if (b <= 0).any():
+        raise ValueError("baseline J/token values must be positive")
+    rng = np.random.default_rng(seed)
+    base_meds = _resampled_medians(b, resamples, rng)
+    cand_meds = _resampled_medians(c, resamples, rng)
+    return _percentile_interval(100.0 * cand_meds / base_meds)
+
+
+def _array(values: Sequence[float]) -> np.ndarray:
+    x = np.asarray(list(values), dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("need at least one value")
+    return x
+
+
+def _resampled_medians(x: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    return np.median(x[idx], axis=1)
+
+
+def _percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - _LEVEL) / 2.0
+    lo, hi = np.percentile(samples, [tail, 100.0 - tail])
+    return float(lo), float(hi)
