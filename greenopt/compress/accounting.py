@@ -4,6 +4,10 @@ Replacement modules written by the moves may expose three optional hooks, honour
 ``greenopt_bits`` (effective stored bits per weight, scales included),
 ``greenopt_flops_per_token()`` (multiply-add FLOPs the module really executes per token),
 ``greenopt_fast_kernel`` (True when a kernel faster than dense fp runs on this device).
+Two more optional hooks for quantized storage: ``greenopt_params`` (logical parameters of the
+module itself; its own packed parameters are then not counted) and ``greenopt_extra_bytes``
+(bytes held outside parameters and buffers, e.g. bitsandbytes quantization state).
+Tensor subclasses that wrap inner tensors (torchao) count by their inner tensors.
 FLOPs count what the kernels execute: unstructured zeros in a dense matmul still cost FLOPs.
 """
 
@@ -14,12 +18,35 @@ import torch
 from greenopt.compress.targeting import layer_index
 
 
+def _key(t: torch.Tensor) -> int:
+    # Wrapper subclasses (torchao) report data_ptr 0; tell them apart by identity.
+    ptr = 0 if _inner_names(t) else t.data_ptr()
+    return ptr or id(t)
+
+
+def _inner_names(t: torch.Tensor) -> list[str]:
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    return list(flatten(t)[0]) if callable(flatten) else []
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    names = _inner_names(t)
+    if names:
+        return sum(_stored_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    return t.numel() * t.element_size()
+
+
 def param_count(model: torch.nn.Module) -> int:
     """Logical parameters (tied tensors once); packed quantized weights count by their hook."""
     seen, n = set(), 0
+    for m in model.modules():
+        logical = getattr(m, "greenopt_params", None)
+        if logical is not None:
+            n += int(logical)
+            seen.update(_key(p) for p in m.parameters(recurse=False))
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if _key(p) not in seen:
+            seen.add(_key(p))
             n += p.numel()
     return n
 
@@ -28,10 +55,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers as stored (tied tensors counted once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.numel() == 0 or t.data_ptr() in seen:
+        if t.numel() == 0 or _key(t) in seen:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        seen.add(_key(t))
+        total += _stored_bytes(t)
+    for m in model.modules():
+        extra = getattr(m, "greenopt_extra_bytes", None)
+        if extra is not None:
+            total += int(extra() if callable(extra) else extra)
     return total
 
 
@@ -73,7 +104,7 @@ def sparsity(model: torch.nn.Module) -> float:
     """Fraction of exact zeros over all dense Linear weights (0.0 when none)."""
     zeros = total = 0
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point():
+        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and not _inner_names(m.weight):
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     return zeros / total if total else 0.0
