@@ -1,0 +1,315 @@
+"""Accuracy of an in-memory model with lm-eval, on offline tasks (or lm-eval hub tasks).
+
+``evaluate(model, tokenizer, spec)`` wraps the model as it is in memory (a compressed model
+is scored without saving it) in lm-eval's ``HFLM`` and runs each task of ``spec.tasks``.
+greenopt's offline tasks (:func:`offline_tasks`) keep the prompt and metrics of lm-eval's
+stock tasks and read their data from local files (see ``evals/README.md``); any other name
+that lm-eval knows is run as lm-eval's own task, which needs a model hub at run time.
+
+``spec.limit`` picks a fixed, seeded random subset of each task (not the first N items): a
+permutation of the items seeded by ``(spec.seed, task)``, whose first ``limit`` items are
+scored. Subsets are nested: the 50-item subset is part of the 100-item one for the same seed.
+
+Example:
+    >>> from greenopt.config import EvalSpec
+    >>> from greenopt.evaluate import evaluate
+    >>> from greenopt.testing import tiny_llama, tiny_tokenizer
+    >>> res = evaluate(tiny_llama(), tiny_tokenizer(), EvalSpec(tasks=("arc_easy",), limit=5))
+    >>> res.score("arc_easy").n
+    5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import os
+import random
+from typing import Any, Callable, Iterable, Iterator
+
+from greenopt.config import EvalSpec
+from greenopt.errors import ConfigError
+from greenopt.evaltasks import OFFLINE_TASKS, evals_home, prepare_tasks, tasks_dir, write_atomic
+from greenopt.records import EvalResult, TaskScore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+_OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def offline_tasks() -> tuple[str, ...]:
+    """greenopt's offline task names, runnable with no model hub."""
+    return tuple(OFFLINE_TASKS)
+
+
+def validate_tasks(names: Iterable[str]) -> tuple[str, ...]:
+    """Checks task names before any model work; the CLI calls it early.
+
+    A name is valid if it is an offline task, or a task, group or tag that lm-eval itself
+    knows (such a hub task needs a model hub at run time). The first check of a
+    non-offline name builds lm-eval's task index (about 10 s); its names are then cached
+    in ``$GREENOPT_HOME/evals/`` per lm-eval version.
+
+    Args:
+        names: task names as given by the user.
+
+    Returns:
+        The names, in order.
+
+    Raises:
+        ConfigError: no task, a name listed twice, or a name neither offline nor known to lm-eval.
+    """
+    names = tuple(names)
+    if not names:
+        raise ConfigError(f"no evaluation task given; offline tasks: {', '.join(OFFLINE_TASKS)}")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"task {name!r} is listed twice; list each task once")
+    for name in names:
+        if name not in OFFLINE_TASKS and name not in _stock_task_names():
+            raise ConfigError(f"unknown task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)} "
+                              "(or any lm-eval task name, which needs a model hub)")
+    return names
+
+
+def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress | None = None) -> EvalResult:
+    """Scores an in-memory causal LM on the tasks of ``spec`` with lm-eval.
+
+    The model is evaluated where it is (its own device and dtype) and is not modified:
+    lm-eval's wrapper would re-tie the output head to the embeddings, which could undo a
+    compression of ``lm_head``, so that step is skipped. Offline tasks run with
+    ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` set for the duration of the call.
+
+    Per task the score is the primary metric: ``acc_norm`` for arc_easy, arc_challenge,
+    hellaswag and piqa; ``acc`` for lambada_openai; ``word_perplexity`` for wikipedia
+    (``higher_is_better=False``, no stderr). For hub tasks it is ``acc_norm`` if the task
+    has it, else ``acc``, else the task's first metric; a group yields one score per subtask.
+    ``stderr`` is the standard error of the mean (sample standard deviation / sqrt(n)).
+
+    Args:
+        model: a ``transformers`` causal LM (``PreTrainedModel``), possibly compressed.
+        tokenizer: its tokenizer. lm-eval sets a pad token on it if it has none.
+        spec: tasks, items per task (``limit=None``: the full sets), subset seed, batch size
+            and few-shot count. Whole-document perplexity tasks run at batch size 1.
+        progress: optional ``progress(task, done, total)`` callback, called before and
+            after each task with the number of tasks done.
+
+    Returns:
+        One :class:`TaskScore` per task (per subtask for hub groups), in ``spec.tasks`` order.
+
+    Raises:
+        ConfigError: an unknown task name (raised before any model work).
+    """
+    names = validate_tasks(spec.tasks)
+    hub = [n for n in names if n not in OFFLINE_TASKS]
+    if len(hub) < len(names):
+        prepare_tasks()
+    scores: list[TaskScore] = []
+    with _lm_eval_quiet(), _hub_offline(not hub), _untied_heads_kept(model):
+        lms: dict[int, Any] = {}
+        for i, name in enumerate(names):
+            if progress:
+                progress(name, i, len(names))
+            tasks = _load(name)
+            rolling = name in OFFLINE_TASKS and OFFLINE_TASKS[name].rolling
+            batch = 1 if rolling else spec.batch_size
+            if batch not in lms:
+                lms[batch] = _wrap(model, tokenizer, batch)
+            for lm_name, task in tasks.items():
+                scores.append(_run(lms[batch], name, lm_name, task, spec))
+            if progress:
+                progress(name, i + 1, len(names))
+    return EvalResult(scores=tuple(scores), limit=spec.limit, seed=spec.seed)
+
+
+def seeded_subset(n_items: int, limit: int | None, seed: int, task: str) -> list[int] | None:
+    """Sorted indices of the fixed seeded subset of a task, or None for the full set.
+
+    A permutation of ``range(n_items)`` seeded by ``(seed, task)``; its first ``limit``
+    entries, so a smaller subset is always contained in a larger one.
+    """
+    if limit is None or limit >= n_items:
+        return None
+    order = list(range(n_items))
+    random.Random(f"greenopt/{seed}/{task}").shuffle(order)
+    return sorted(order[:limit])
+
+
+# ---------------------------------------------------------------------------- internals
+
+
+def _run(lm: Any, name: str, lm_name: str, task: Any, spec: EvalSpec) -> TaskScore:
+    from lm_eval import evaluator
+
+    task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    task.set_fewshot_seed(seed=spec.seed)
+    indices = seeded_subset(len(task.eval_docs), spec.limit, spec.seed,
+                            name if name in OFFLINE_TASKS else lm_name)
+    # bootstrap_iters=0: lm-eval's bootstrap forks a process pool and prints; the standard
+    # error of the primary metric is computed below from the per-item values instead.
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        res = evaluator.evaluate(lm=lm, task_dict={"tasks": {lm_name: task}, "groups": {}},
+                                 samples={lm_name: indices} if indices else None,
+                                 bootstrap_iters=0, log_samples=True)
+    if out.getvalue().strip():
+        log.debug("lm-eval printed: %s", out.getvalue().strip())
+    metric, higher = _primary_metric(name, task)
+    # A metric is reported per filter ("acc,none"); take the task's first filter.
+    key = next(k for k in res["results"][lm_name] if k.startswith(f"{metric},"))
+    items = [s for s in res["samples"][lm_name] if s["filter"] == key.split(",", 1)[1]]
+    return TaskScore(task=name if name == lm_name or name in OFFLINE_TASKS else lm_name,
+                     metric=metric, value=float(res["results"][lm_name][key]),
+                     stderr=_stderr(task, metric, [s[metric] for s in items]),
+                     n=len(items), higher_is_better=higher)
+
+
+def _primary_metric(name: str, task: Any) -> tuple[str, bool]:
+    if name in OFFLINE_TASKS:
+        t = OFFLINE_TASKS[name]
+        return t.metric, t.higher_is_better
+    higher = task.higher_is_better()
+    metric = next((m for m in ("acc_norm", "acc") if m in higher), next(iter(higher)))
+    return metric, bool(higher[metric])
+
+
+def _stderr(task: Any, metric: str, values: list[Any]) -> float | None:
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    if task.aggregation().get(metric) is not mean or len(values) < 2:
+        return None  # perplexities aggregate over the whole corpus: no closed form
+    return float(mean_stderr([float(v) for v in values]))
+
+
+def _load(name: str) -> dict[str, Any]:
+    """Fresh lm-eval Task objects (they hold per-run state) for one greenopt task name."""
+    if name in OFFLINE_TASKS:
+        lm_name = OFFLINE_TASKS[name].lm_eval_name
+        return _offline_task_manager(str(tasks_dir())).load([lm_name])["tasks"]
+    return _stock_task_manager().load([name])["tasks"]
+
+
+@functools.lru_cache(maxsize=4)
+def _offline_task_manager(path: str) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=path, include_defaults=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_task_names() -> frozenset[str]:
+    from importlib.metadata import version
+
+    cache = evals_home() / f"lm_eval-{version('lm_eval')}-task-names.json"
+    try:
+        return frozenset(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        names = _stock_task_manager().all_tasks
+        write_atomic(cache, json.dumps(sorted(names)) + "\n")
+        return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_task_manager() -> Any:
+    _quiet_loggers()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its "pretrained is not a str" warning is our normal case
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        hf_log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _untied_heads_kept(model: Any) -> Iterator[None]:
+    # HFLM calls model.tie_weights(), which re-ties lm_head to the embeddings whenever the
+    # config says so, silently replacing a separately compressed head. Shadow it meanwhile;
+    # restore the train/eval mode HFLM changes too.
+    was_training = getattr(model, "training", False)
+    shadowed = "tie_weights" in vars(model)
+    old = vars(model).get("tie_weights")
+    model.tie_weights = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        if shadowed:
+            model.tie_weights = old
+        else:
+            del model.tie_weights
+        model.train(was_training)
+
+
+def _quiet_loggers() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
+# lm-eval modules that draw tqdm bars on stderr, some with no way to turn them off.
+_TQDM_MODULES = ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet() -> Iterator[None]:
+    """lm-eval logs at WARNING, with no progress bars (the caller gets ``progress`` instead)."""
+    _quiet_loggers()
+    import importlib
+
+    import datasets
+    from tqdm import tqdm
+
+    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm(*args, **kwargs)
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    modules = [importlib.import_module(name) for name in _TQDM_MODULES]
+    originals = [mod.tqdm for mod in modules]
+    for mod in modules:
+        mod.tqdm = silent_tqdm
+    try:
+        yield
+    finally:
+        for mod, original in zip(modules, originals):
+            mod.tqdm = original
+        if bars:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Sets HF_DATASETS_OFFLINE/HF_HUB_OFFLINE (env and the flags libraries read at import)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    old_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    old_flags = [getattr(mod, attr) for mod, attr in flags]
+    os.environ.update({k: "1" for k in _OFFLINE_ENV})
+    for mod, attr in flags:
+        setattr(mod, attr, True)
+    try:
+        yield
+    finally:
+        for (mod, attr), value in zip(flags, old_flags):
+            setattr(mod, attr, value)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
