@@ -140,7 +140,7 @@ def render_card_summary(card) -> None:
     out.print(f"  tier {card.tier} ({card.device.meter}: {card.device.boundary}); device {card.device.name}; "
               f"protocol {card.protocol_id}")
     for t in card.accuracy:
-        out.print(f"  {t.task} {t.metric}: {t.value:.4f} (baseline {t.baseline_value:.4f}), n={t.n}")
+        out.print(f"  {t.task} {t.metric}: {t.value:.4f} (baseline {t.baseline:.4f}, drop {t.drop:+.4f}), n={t.n}")
     out.print(f"  carbon {card.carbon.g_per_1k_tokens:.4g} gCO2e per 1000 tokens at "
               f"{card.carbon.intensity_g_per_kwh:g} g/kWh")
 
