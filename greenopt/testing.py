@@ -84,8 +84,8 @@ def _widen_init(model: torch.nn.Module) -> None:
     # outputs whose changes tests can see.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+            if p.dim() >= 2:  # fused MoE experts are 3-D [experts, out, in]
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
 
 
 class FakeMeter(Meter):
