@@ -1,0 +1,559 @@
+"""The search: an Optuna multi-objective study over compression variants.
+
+``search(spec)`` maximizes mean accuracy and minimizes measured energy (EEI for relative
+label schemes, J/token for absolute ones), then picks, among trials whose measured class
+reaches ``spec.target`` (the worse letter of the interval counts), the one that loses the
+least accuracy. The study is the source of truth: trial 0 is the baseline
+(``enqueue_trial``), every trial is told COMPLETE, PRUNED or FAIL through ask/tell with its
+:class:`~greenopt.pareto.TrialRecord` as a user attribute, the sampler sees the target class
+and accuracy budget as constraints, and the storage (sqlite in ``runs/NAME/`` by default, or
+an RDB URL shared with ``worker`` processes) makes the search resumable.
+
+Example:
+    >>> from greenopt.config import SearchSpec
+    >>> from greenopt.search import search, render_front
+    >>> from greenopt.testing_search import FakeRunner
+    >>> result = search(SearchSpec(target="C", n_trials=8, runs_dir=str(tmp)),
+    ...                 runner=FakeRunner())                    # doctest: +SKIP
+    >>> result.chosen.display                                   # doctest: +SKIP
+    'C'
+
+Failures: a trial that raises (out of memory included) is told FAIL with its reason and the
+search goes on; Ctrl-C tells the trial in flight FAIL("interrupted") and returns the result
+so far (``interrupted=True``); after a kill, ``resume=True`` marks the dead process's
+RUNNING trials failed and completes the budget. Lost trials do not count against it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from greenopt import pareto, rundir, space
+from greenopt.config import SearchSpec, Variant, dump_yaml, validated
+from greenopt.errors import ConfigError, GreenoptError
+from greenopt.label import LabelScheme, grade_comparison, grade_measurement, load_scheme
+from greenopt.pareto import FrontRow, TrialRecord, Unreachable
+from greenopt.plot import render_front  # noqa: F401 - part of this module's API (the CLI renders with it)
+from greenopt.records import Record
+from greenopt.runner import Cuts, Progress, RunOutcome, TrialRunner
+
+log = logging.getLogger(__name__)
+
+OnTrial = Callable[[TrialRecord, "TrialRecord | None"], None]
+SPEC_ATTR = "greenopt.search_spec"
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class SearchResult(Record):
+    """What a search found: the front, the chosen variant, or the honest unreachable report."""
+
+    run_dir: str
+    study_name: str
+    storage: str
+    target: str
+    scheme: str
+    metric: str
+    max_drop: float | None
+    objectives: tuple[str, str]
+    n_trials: int
+    counts: dict[str, int]
+    baseline: FrontRow | None
+    front: tuple[FrontRow, ...]
+    trials: tuple[FrontRow, ...]
+    chosen: FrontRow | None
+    chosen_variant: Variant | None = None
+    chosen_path: str | None = None
+    export_command: str | None = None
+    unreachable: Unreachable | None = None
+    interrupted: bool = False
+    estimated: bool = False
+    duration_s: float = 0.0
+    plots: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------- public verbs
+
+
+def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Progress | None = None,
+           on_trial: OnTrial | None = None, resume: bool = False, force: bool = False) -> SearchResult:
+    """Runs (or resumes) a search and writes ``runs/NAME/``.
+
+    Args:
+        spec: model, target class, scheme, budget, sampler, space, fidelity, meter, storage.
+        runner: the trial runner; default :class:`~greenopt.runner.TransformersRunner` on
+            ``spec.model`` (tests pass ``greenopt.testing_search.FakeRunner``).
+        progress: ``progress(stage, done, total)``; stage ``"trials"`` counts trials, other
+            stages come from inside the current trial (apply, eval, measure).
+        on_trial: ``on_trial(record, best_so_far)`` after each trial, for a live line.
+        resume: continue the run in ``runs/NAME`` (sqlite study or ``spec.storage``).
+        force: start an existing run over, or resume despite a changed spec.
+
+    Returns:
+        SearchResult, also written to ``runs/NAME/result.json`` (with ``chosen.yaml``,
+        ``pareto.png`` and ``pareto.html``).
+
+    Raises:
+        ConfigError: unknown scheme or target class, a run-directory conflict, or a study
+            that already exists in shared storage without ``resume``.
+        GreenoptError: the baseline trial failed (nothing can be compared).
+    """
+    t0 = time.monotonic()
+    scheme = _scheme_and_target(spec)
+    rundir.check(spec, resume=resume, force=force)
+    if runner is None:
+        from greenopt.runner import TransformersRunner
+
+        runner = TransformersRunner(spec)
+    runner.prepare(progress)
+    rd = rundir.prepare(spec, resume=resume, force=force)
+    storage_url = spec.storage or rd.sqlite_url
+    study = open_study(spec, storage_url, create=True, resume=resume)
+    _recover(study, shared=spec.storage is not None)
+    _ensure_baseline(study, spec, runner.num_layers)
+    rundir.write_json(rd.environment, rundir.environment(runner.environment()))
+    interrupted = _drive(study, spec, scheme, runner, rd, progress, on_trial, max_trials=None,
+                         shared=spec.storage is not None)
+    result = _result(study, spec, scheme, rd, storage_url, interrupted, time.monotonic() - t0)
+    rundir.write_json(rd.result, result)
+    return result
+
+
+def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner: TrialRunner | None = None,
+           device: str | None = None, runs_dir: str | None = None, progress: Progress | None = None,
+           on_trial: OnTrial | None = None) -> tuple[TrialRecord, ...]:
+    """Runs trials for an existing study in shared storage (``greenopt worker``).
+
+    The worker rebuilds the SearchSpec stored in the study, scores its own baseline and
+    measures every trial against the baseline on its own device, so EEI compares like with
+    like. Heartbeats let a crashed worker's trial be marked failed by the others.
+
+    Args:
+        storage: the RDB URL the study lives in (``postgresql://...``).
+        study_name: the study, as created by ``greenopt search --storage ...``.
+        n_trials: at most this many trials from this worker (default: until the study's budget).
+        runner: the trial runner (default: TransformersRunner of the stored spec).
+        device: this worker's device (``cuda:1``), overriding the stored spec's.
+        runs_dir: where this worker writes its trial JSON files (default: the spec's).
+        progress, on_trial: as for :func:`search`.
+
+    Returns:
+        The records of the trials this worker ran.
+
+    Raises:
+        ConfigError: the study does not exist or was not created by greenopt search.
+    """
+    probe = _storage(storage, shared=True, heartbeat_s=60)
+    try:
+        raw = optuna.load_study(study_name=study_name, storage=probe).user_attrs.get(SPEC_ATTR)
+    except KeyError:
+        raise ConfigError(f"no study {study_name!r} in {_redact(storage)}; start it with "
+                          "`greenopt search --storage ... --name ...` first") from None
+    if raw is None:
+        raise ConfigError(f"study {study_name!r} was not created by greenopt search (no stored spec)")
+    update = {"storage": storage, "study_name": study_name}
+    update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir)) if v is not None})
+    spec = validated(SearchSpec, {**raw, **update}, where=f"study {study_name} spec")
+    scheme = _scheme_and_target(spec)
+    runner = runner or _default_runner(spec)
+    runner.prepare(progress)
+    rd = rundir.run_dir(spec)
+    rd.trials.mkdir(parents=True, exist_ok=True)
+    study = open_study(spec, storage, create=False)
+    done: list[TrialRecord] = []
+
+    def collect(rec: TrialRecord, best: TrialRecord | None) -> None:
+        done.append(rec)
+        if on_trial:
+            on_trial(rec, best)
+
+    _drive(study, spec, scheme, runner, rd, progress, collect, max_trials=n_trials, shared=True)
+    return tuple(done)
+
+
+def prepare_study(spec: SearchSpec, num_layers: int) -> optuna.Study:
+    """Creates the study of ``spec`` in ``spec.storage`` with the baseline enqueued, running nothing.
+
+    For shared storage: a coordinator prepares the study, then ``worker`` processes (any
+    number, on any machines) run its trials.
+
+    Raises:
+        ConfigError: ``spec.storage`` is not set.
+    """
+    if spec.storage is None:
+        raise ConfigError("preparing a study for workers needs --storage (an RDB URL such as postgresql://...)")
+    _scheme_and_target(spec)
+    study = open_study(spec, spec.storage, create=True, resume=True)
+    _ensure_baseline(study, spec, num_layers)
+    return study
+
+
+def open_study(spec: SearchSpec, storage_url: str, *, create: bool, resume: bool = True) -> optuna.Study:
+    """Creates or loads the study of ``spec`` (two directions; the spec stored as a study attr).
+
+    Raises:
+        ConfigError: ``create`` without ``resume`` on a study that already has trials in
+            shared storage.
+    """
+    shared = spec.storage is not None
+    storage = _storage(storage_url, shared=shared, heartbeat_s=spec.heartbeat_interval_s)
+    name = spec.resolved_study_name
+    if create:
+        study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
+                                    load_if_exists=True)
+        if not resume and shared and study.get_trials(deepcopy=False):
+            raise ConfigError(f"study {name!r} already has trials in {_redact(storage_url)}; pass --resume "
+                              "to continue it or choose another --study-name")
+        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["mean accuracy", "EEI" if load_scheme(spec.scheme).relative else "J/token"])
+    else:
+        study = optuna.load_study(study_name=name, storage=storage)
+    # A resumed study must not replay its first session's random stream; workers differ by pid.
+    offset = len(study.get_trials(deepcopy=False)) + (os.getpid() if shared else 0)
+    study.sampler = make_sampler(spec, seed_offset=offset)
+    return study
+
+
+def make_sampler(spec: SearchSpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The seeded sampler of ``spec``.
+
+    ``tpe`` (the default) is multivariate TPE with 10 random start-up trials; ``nsga2``
+    uses a small population (``spec.resolved_population_size``) so a short budget still
+    sees several generations. The target class and accuracy budget reach both as trial
+    constraints (``Trial.set_constraint``). ``seed_offset`` (trials already in the study)
+    keeps a resumed search from replaying the random stream of its first session.
+    """
+    seed = spec.seed + seed_offset
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.resolved_population_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True)
+
+
+def records(study: optuna.Study) -> list[TrialRecord]:
+    """The TrialRecords stored in a study, by trial number (trials lost to a crash have none)."""
+    out = [TrialRecord.model_validate(t.user_attrs["record"])
+           for t in study.get_trials(deepcopy=False) if "record" in t.user_attrs]
+    return sorted(out, key=lambda r: r.number)
+
+
+def objective_names(scheme: LabelScheme) -> tuple[str, str]:
+    return ("maximize mean accuracy", "minimize EEI" if scheme.relative else "minimize J/token")
+
+
+def to_json(result: SearchResult) -> dict[str, Any]:
+    """A plain dict of the result (JSON-ready) for ``--json`` output."""
+    return result.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Ctx:
+    study: optuna.Study
+    spec: SearchSpec
+    scheme: LabelScheme
+    runner: TrialRunner
+    rd: rundir.RunDir
+    cuts: Cuts | None
+    shared: bool
+    worker: str
+    progress: Progress | None
+
+
+def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: TrialRunner, rd: rundir.RunDir,
+           progress: Progress | None, on_trial: OnTrial | None, *, max_trials: int | None, shared: bool) -> bool:
+    """Runs trials until the budget, the time limit or Ctrl-C; returns True when interrupted."""
+    ctx = _Ctx(study, spec, scheme, runner, rd, _cuts(spec, scheme), shared,
+               f"{socket.gethostname()}:{os.getpid()}", progress)
+    t0, ran = time.monotonic(), 0
+    while True:
+        if shared:
+            _fail_stale(study)  # a dead worker's RUNNING trial would hold budget forever
+        left = _budget_left(study, spec.n_trials)
+        if max_trials is not None:
+            left = min(left, max_trials - ran)
+        if progress:
+            progress("trials", spec.n_trials - _budget_left(study, spec.n_trials), spec.n_trials)
+        if left <= 0:
+            return False
+        if spec.timeout_s is not None and time.monotonic() - t0 >= spec.timeout_s:
+            log.info("time limit of %.0f s reached after %d trials", spec.timeout_s, ran)
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+            trial = study.ask()
+        try:
+            rec = _run_trial(ctx, trial)
+        except KeyboardInterrupt:
+            log.warning("interrupted; trial %d recorded as failed, resume with --resume", trial.number)
+            return True
+        ran += 1
+        if rec.is_baseline and rec.state == "FAIL":
+            raise GreenoptError(f"the baseline trial failed ({rec.reason}); nothing can be compared. "
+                                "Fix the cause and run again with --resume")
+        if on_trial:
+            on_trial(rec, pareto.select(records(study), scheme, spec.target, spec.max_drop))
+
+
+def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
+    t0, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        variant = space.sample(trial, ctx.spec.space, ctx.runner.num_layers)
+    except BaseException:
+        ctx.study.tell(trial, state=TrialState.FAIL)
+        raise
+    base = dict(number=trial.number, variant=variant, variant_hash=variant.hash, params=dict(trial.params),
+                is_baseline=variant.is_baseline, device=ctx.runner.device_name, worker=ctx.worker, started=started)
+    try:
+        with _Heartbeat(ctx.study, trial, ctx.spec.heartbeat_interval_s if ctx.shared else None):
+            cached = _cached(ctx.study, variant.hash, ctx.runner.device_name, trial.number)
+            if cached is not None:
+                log.info("trial %d repeats trial %d (variant %s): reusing its result",
+                         trial.number, cached.number, variant.hash)
+                rec = cached.model_copy(update={**base, "cached_from": cached.cached_from or cached.number,
+                                                "durations_s": {}})
+                rec = rec.model_copy(update={"constraint": _constraint(ctx, rec)})
+            else:
+                outcome = ctx.runner.run(variant, cut=None if variant.is_baseline else ctx.cuts,
+                                         progress=ctx.progress)
+                rec = _record(ctx, base, outcome)
+    except KeyboardInterrupt:
+        _finish(ctx, trial, TrialRecord(**base, state="FAIL", reason="interrupted", lost=True,
+                                        duration_s=time.monotonic() - t0))
+        raise
+    except Exception as e:  # noqa: BLE001 - any trial failure is recorded and the search goes on
+        log.warning("trial %d failed: %s", trial.number, _reason(e))
+        rec = TrialRecord(**base, state="FAIL", reason=_reason(e))
+    rec = rec.model_copy(update={"duration_s": time.monotonic() - t0})
+    _finish(ctx, trial, rec)
+    return rec
+
+
+def _record(ctx: _Ctx, base: dict[str, Any], out: RunOutcome) -> TrialRecord:
+    common = dict(base, apply=out.apply, quick=out.quick, durations_s=out.durations_s,
+                  baseline_accuracy=ctx.runner.baseline_eval.mean_accuracy)
+    if out.pruned:
+        rec = TrialRecord(**common, state="PRUNED", reason=out.pruned)
+        return rec.model_copy(update={"constraint": _constraint(ctx, rec)})
+    if out.eval is None or out.comparison is None:
+        raise RuntimeError("runner returned neither a pruning reason nor full figures")
+    cmp = out.comparison
+    if ctx.scheme.relative:
+        grade, energy, ci = grade_comparison(cmp, ctx.scheme), cmp.eei, cmp.eei_ci
+    else:
+        grade = grade_measurement(cmp.candidate, ctx.scheme)
+        energy, ci = cmp.candidate.joules_per_token, cmp.candidate.joules_per_token_ci
+    rec = TrialRecord(**common, state="COMPLETE", eval=out.eval, comparison=cmp, grade=grade,
+                      energy=energy, energy_ci=tuple(ci))
+    if not rec.measured:
+        return rec.model_copy(update={"state": "FAIL", "reason": "not finite: accuracy or energy is NaN/inf"})
+    return rec.model_copy(update={"constraint": _constraint(ctx, rec)})
+
+
+def _constraint(ctx: _Ctx, rec: TrialRecord) -> tuple[float, ...]:
+    return pareto.constraint_values(rec, ctx.scheme, ctx.spec.target, ctx.spec.max_drop)
+
+
+def _finish(ctx: _Ctx, trial: optuna.Trial, rec: TrialRecord) -> None:
+    """Writes the record (file, then study attrs) and tells the study the trial's state."""
+    rundir.write_json(ctx.rd.trial_path(rec.number), rec)
+    for key, value in (("record", rec.model_dump(mode="json")), ("variant_hash", rec.variant_hash),
+                       ("device", rec.device), ("lost", rec.lost)):
+        trial.set_user_attr(key, value)
+    if ctx.spec.constrain_sampler:
+        for key, value in zip(("class", "accuracy_drop"), rec.constraint):
+            trial.set_constraint(key, value)
+    if rec.state == "COMPLETE":
+        ctx.study.tell(trial, [rec.mean_accuracy, rec.energy])
+    else:
+        ctx.study.tell(trial, state=TrialState.PRUNED if rec.state == "PRUNED" else TrialState.FAIL)
+
+
+def _reason(e: BaseException) -> str:
+    import torch
+
+    kind = "out of memory" if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{kind}: {text}"[:500] if text else kind
+
+
+def _cached(study: optuna.Study, variant_hash: str, device: str, number: int) -> TrialRecord | None:
+    """The earliest COMPLETE or PRUNED record of the same variant on the same device."""
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                    key=lambda t: t.number):
+        a = t.user_attrs
+        if t.number != number and a.get("variant_hash") == variant_hash and a.get("device") == device \
+                and "record" in a:
+            return TrialRecord.model_validate(a["record"])
+    return None
+
+
+def _cuts(spec: SearchSpec, scheme: LabelScheme) -> Cuts | None:
+    fid = spec.fidelity
+    ppl = fid.perplexity_cut if fid.perplexity_windows else None
+    bound = pareto.target_bound(scheme, spec.target)
+    eei = (fid.energy_cut * bound if fid.energy_cut and fid.quick_protocol and scheme.relative
+           and math.isfinite(bound) else None)
+    return Cuts(perplexity_ratio=ppl, quick_eei=eei) if (ppl or eei) else None
+
+
+def _budget_left(study: optuna.Study, n_trials: int) -> int:
+    used = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            used += 1
+        elif t.state == TrialState.FAIL and "record" in t.user_attrs and not t.user_attrs.get("lost"):
+            used += 1
+    return n_trials - used
+
+
+# ---------------------------------------------------------------------------- storage and recovery
+
+
+def _storage(url: str, *, shared: bool, heartbeat_s: int) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite"):
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs = {"pool_pre_ping": True}
+    if shared:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                              grace_period=3 * heartbeat_s)
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def _redact(url: str) -> str:
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
+
+
+def _recover(study: optuna.Study, *, shared: bool) -> None:
+    """Marks trials left RUNNING by a dead process as FAIL (all of them for a private study)."""
+    if shared:
+        _fail_stale(study)
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        log.warning("trial %d was left running by a stopped process; marking it failed (lost)", t.number)
+        study.tell(t.number, state=TrialState.FAIL)
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> None:
+    """Enqueues the baseline as the next trial unless one is done, waiting or running."""
+    keep = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    if any(t.user_attrs.get("baseline") and t.state in keep for t in study.get_trials(deepcopy=False)):
+        return
+    study.enqueue_trial(space.baseline_params(spec.space, num_layers), user_attrs={"baseline": True})
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every ``interval_s`` in a thread (RDB storages only)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: int | None) -> None:
+        storage = study._storage  # optuna keeps no public handle; record_heartbeat is public on it
+        self._beat = getattr(storage, "record_heartbeat", None) if interval_s else None
+        self._id, self._interval = trial._trial_id, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        if self._beat is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._beat(self._id)
+            except Exception as e:  # noqa: BLE001 - a missed beat must not kill the trial
+                log.warning("heartbeat failed: %s", e)
+            if self._stop.wait(self._interval):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _default_runner(spec: SearchSpec) -> TrialRunner:
+    from greenopt.runner import TransformersRunner
+
+    return TransformersRunner(spec)
+
+
+def _scheme_and_target(spec: SearchSpec) -> LabelScheme:
+    scheme = load_scheme(spec.scheme)
+    if spec.target not in scheme.letters:
+        raise ConfigError(f"--target {spec.target}: not a class of label scheme {scheme.name}; "
+                          f"choose one of {', '.join(scheme.letters)}")
+    return scheme
+
+
+# ---------------------------------------------------------------------------- result
+
+
+def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rundir.RunDir, storage_url: str,
+            interrupted: bool, duration_s: float) -> SearchResult:
+    recs = records(study)
+    on_front = {r.number for r in pareto.front(recs)}
+    chosen = pareto.select(recs, scheme, spec.target, spec.max_drop)
+    rows = tuple(pareto.row(r, chosen=chosen is not None and r.number == chosen.number, on_front=r.number in on_front)
+                 for r in recs if r.measured)
+    counts = {s: sum(r.state == s and not r.lost for r in recs) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    counts["lost"] = sum(t.state == TrialState.FAIL and (t.user_attrs.get("lost") or "record" not in t.user_attrs)
+                         for t in study.get_trials(deepcopy=False))
+    chosen_variant = chosen_path = export = None
+    if chosen is not None:
+        chosen_variant = chosen.variant.model_copy(update={"name": f"{spec.run_name}-trial{chosen.number}"})
+        rundir.write_text(rd.chosen, dump_yaml(chosen_variant))
+        chosen_path = str(rd.chosen)
+        export = f"greenopt export {rd.root} --pick best --out {rd.root / 'export'}"
+    elif rd.chosen.exists():
+        rd.chosen.unlink()
+    result = SearchResult(
+        run_dir=str(rd.root), study_name=study.study_name, storage=_redact(storage_url), target=spec.target,
+        scheme=scheme.name, metric=scheme.metric, max_drop=spec.max_drop, objectives=objective_names(scheme),
+        n_trials=spec.n_trials, counts=counts, baseline=next((r for r in rows if r.is_baseline), None),
+        front=tuple(sorted((r for r in rows if r.on_front), key=lambda r: -r.mean_accuracy)), trials=rows,
+        chosen=next((r for r in rows if r.chosen), None),
+        chosen_variant=chosen_variant,
+        chosen_path=chosen_path, export_command=export,
+        unreachable=None if chosen else pareto.unreachable(recs, scheme, spec.target, spec.max_drop),
+        interrupted=interrupted, estimated=any(r.estimated for r in rows), duration_s=duration_s,
+    )
+    try:
+        from greenopt import plot
+
+        result = result.model_copy(update={"plots": plot.write_plots(result, scheme, rd)})
+    except Exception as e:  # noqa: BLE001 - a plot must never lose the search result
+        log.warning("could not draw the Pareto plot: %s", e)
+    return result

@@ -1,0 +1,276 @@
+"""The search loop with FakeRunner and tmp sqlite: records, cache, pruning, failures, resume."""
+
+import json
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from greenopt import pareto
+from greenopt.config import FidelitySpec, SearchSpec, SpaceSpec, Variant, load_variant
+from greenopt.errors import ConfigError, GreenoptError
+from greenopt.label import load_scheme
+from greenopt.rundir import run_dir
+from greenopt.search import SPEC_ATTR, make_sampler, prepare_study, records, render_front, search, to_json, worker
+from greenopt.testing_search import FakeRunner
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+EU = load_scheme("relative-eu")
+SMALL = SpaceSpec(bits=(8, 4), layer_groups=2, prune=("2:4",), depth_drop_max=0.25, ffn_keep_min=0.75)
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory):
+    """A tmp dir on tmpfs when there is one: sqlite commits fsync, which costs ~10 ms on disk."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path_factory.mktemp("search")
+        return
+    d = Path(tempfile.mkdtemp(dir=shm, prefix="greenopt-test-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def with_plots():
+    """Requested by the one test that checks the plots."""
+
+
+@pytest.fixture(autouse=True)
+def no_plots(request, monkeypatch):
+    """Plots cost ~0.5 s per search; only tests requesting ``with_plots`` draw them."""
+    if "with_plots" not in request.fixturenames:
+        monkeypatch.setattr("greenopt.plot.write_plots", lambda *a, **k: {})
+
+
+def make_spec(tmp_path, **kw):
+    base = dict(target="C", n_trials=10, runs_dir=str(tmp_path), space=SMALL, seed=1)
+    return SearchSpec(**{**base, **kw})
+
+
+def load(spec):
+    return optuna.load_study(study_name=spec.resolved_study_name, storage=run_dir(spec).sqlite_url)
+
+
+def test_search_records_front_and_choice(tmp_path, with_plots):
+    spec = make_spec(tmp_path)
+    seen = []
+    res = search(spec, runner=FakeRunner(), on_trial=lambda r, best: seen.append((r.number, best)))
+    study = load(spec)
+    recs = records(study)
+    assert len(study.trials) == 10 and [r.number for r in recs] == list(range(10))
+    assert recs[0].is_baseline and recs[0].state == "COMPLETE" and recs[0].variant == Variant()
+    assert [n for n, _ in seen] == list(range(10))
+    rd = run_dir(spec)
+    for r in recs:  # the file and the study attr hold the same record
+        assert json.loads(rd.trial_path(r.number).read_text()) == r.model_dump(mode="json")
+    assert {r.number for r in res.front} == {r.number for r in pareto.front(recs)}
+    chosen = pareto.select(recs, EU, "C")
+    assert chosen is not None and res.chosen.number == chosen.number and res.chosen.worst_letter in "ABC"
+    assert load_variant(rd.chosen).steps == chosen.variant.steps
+    assert res.export_command == f"greenopt export {rd.root} --pick best --out {rd.root / 'export'}"
+    assert rd.png.stat().st_size > 1000 and "<svg" in rd.html.read_text()
+    assert json.loads(rd.result.read_text()) == json.loads(json.dumps(to_json(res)))
+    assert (rd.root / "environment.json").is_file() and (rd.root / "search.yaml").is_file()
+    assert render_front(res).row_count == len(res.front)
+    assert study.user_attrs[SPEC_ATTR] == spec.model_dump(mode="json")
+
+
+def test_constraints_reach_the_sampler(tmp_path):
+    spec = make_spec(tmp_path, max_drop=0.02, n_trials=6)
+    search(spec, runner=FakeRunner())
+    for t in load(spec).get_trials(states=(TrialState.COMPLETE,)):
+        rec = pareto.TrialRecord.model_validate(t.user_attrs["record"])
+        assert t.constraints == dict(zip(("class", "accuracy_drop"), rec.constraint))
+        assert (max(rec.constraint) <= 0) == pareto.feasible(rec, EU, "C", 0.02)
+
+
+def test_repeated_variant_hits_the_cache(tmp_path):
+    tiny = SpaceSpec(bits=(), prune=(), depth_drop_max=0.2, ffn_keep_min=1.0)  # depth 0..2: 3 variants
+    runner = FakeRunner(num_layers=10)
+    search(make_spec(tmp_path, space=tiny, n_trials=12, sampler="random"), runner=runner)
+    recs = records(load(make_spec(tmp_path, space=tiny)))
+    assert len(runner.calls) == len(set(runner.calls)) <= 3
+    hits = [r for r in recs if r.cached_from is not None]
+    assert len(hits) == 12 - len(runner.calls)
+    for h in hits:
+        src = recs[h.cached_from]
+        assert src.variant_hash == h.variant_hash and src.energy == h.energy and src.cached_from is None
+
+
+def test_pruned_trials_are_recorded_with_reason(tmp_path):
+    spec = make_spec(tmp_path, fidelity=FidelitySpec(perplexity_cut=1.05, energy_cut=None), n_trials=8)
+    res = search(spec, runner=FakeRunner())
+    pruned = [r for r in records(load(spec)) if r.state == "PRUNED"]
+    assert pruned and all(r.reason.startswith("perplexity:") and r.quick.perplexity_ratio > 1.05 for r in pruned)
+    assert len(load(spec).get_trials(states=(TrialState.PRUNED,))) == len(pruned) == res.counts["PRUNED"]
+
+
+def test_energy_cut_uses_the_quick_look(tmp_path):
+    spec = make_spec(tmp_path, target="A", n_trials=8,
+                     fidelity=FidelitySpec(perplexity_cut=None, energy_cut=1.0))
+    search(spec, runner=FakeRunner(half_width=0.5))
+    recs = records(load(spec))
+    pruned = [r for r in recs if r.state == "PRUNED"]
+    assert pruned and all(r.reason.startswith("energy:") and r.quick.comparison.eei_ci[0] > 41 for r in pruned)
+    assert all(r.energy <= 41 * 1.0 + 1.0 for r in recs if r.state == "COMPLETE" and not r.is_baseline)
+
+
+def test_failing_trials_do_not_stop_the_loop(tmp_path):
+    errors = [MemoryError("no RAM"), RuntimeError("kernel broke"), torch.OutOfMemoryError("CUDA out of memory")]
+    count = {"n": 0}
+
+    def fail(v):
+        if v.is_baseline:
+            return None
+        count["n"] += 1
+        return errors[count["n"] - 1] if count["n"] <= 3 else None
+
+    res = search(make_spec(tmp_path, n_trials=7), runner=FakeRunner(fail=fail))
+    fails = [r for r in records(load(make_spec(tmp_path))) if r.state == "FAIL"]
+    assert [f.reason for f in fails] == ["out of memory: no RAM", "RuntimeError: kernel broke",
+                                        "out of memory: CUDA out of memory"]
+    assert res.counts["FAIL"] == 3 and sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 7
+
+
+def test_a_failing_baseline_stops_the_search(tmp_path):
+    with pytest.raises(GreenoptError, match="baseline trial failed"):
+        search(make_spec(tmp_path), runner=FakeRunner(fail=lambda v: RuntimeError("x") if v.is_baseline else None))
+
+
+def test_ctrl_c_leaves_a_resumable_study(tmp_path):
+    spec = make_spec(tmp_path, n_trials=6)
+    calls = {"n": 0}
+
+    def interrupt(v):
+        calls["n"] += 1
+        return KeyboardInterrupt() if calls["n"] == 4 else None
+
+    res = search(spec, runner=FakeRunner(fail=interrupt))
+    assert res.interrupted
+    study = load(spec)
+    last = study.trials[-1]
+    assert last.state == TrialState.FAIL and last.user_attrs["record"]["reason"] == "interrupted"
+    assert res.counts["lost"] == 1
+    res2 = search(spec, runner=FakeRunner(), resume=True)
+    recs = records(load(spec))
+    assert not res2.interrupted
+    assert sum(not r.lost for r in recs) == 6 and len({r.number for r in recs}) == len(recs)
+
+
+def test_resume_after_kill_marks_running_trials_failed_and_completes_the_budget(tmp_path):
+    spec = make_spec(tmp_path, n_trials=3)
+    search(spec, runner=FakeRunner())
+    study = load(spec)
+    study.ask()  # a trial left RUNNING by a process that was killed
+    assert study.trials[-1].state == TrialState.RUNNING
+    longer = spec.model_copy(update={"n_trials": 6})
+    res = search(longer, runner=FakeRunner(), resume=True)
+    study = load(spec)
+    assert all(t.state != TrialState.RUNNING for t in study.trials)
+    assert res.counts["lost"] == 1 and sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 6
+    numbers = [r.number for r in records(study)]
+    assert len(numbers) == len(set(numbers)) == 6
+
+
+def test_resume_after_kill_during_the_baseline_reruns_it(tmp_path):
+    spec = make_spec(tmp_path, n_trials=4)
+    runner = FakeRunner()
+    with pytest.raises(GreenoptError):  # baseline fails hard the first time: nothing else runs
+        search(spec, runner=FakeRunner(fail=lambda v: RuntimeError("x")))
+    res = search(spec, runner=runner, resume=True)
+    assert res.baseline is not None and runner.calls[0] == Variant().hash
+
+
+def test_run_dir_conflicts_are_clear(tmp_path):
+    spec = make_spec(tmp_path, n_trials=3, name="run")
+    search(spec, runner=FakeRunner())
+    with pytest.raises(ConfigError, match="already exists"):
+        search(spec, runner=FakeRunner())
+    with pytest.raises(ConfigError, match="different spec.*target"):
+        search(spec.model_copy(update={"target": "B"}), runner=FakeRunner(), resume=True)
+    res = search(spec, runner=FakeRunner(), force=True)  # start over
+    assert sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 3
+
+
+def test_unreachable_target_is_reported_plainly(tmp_path):
+    res = search(make_spec(tmp_path, target="A", max_drop=0.0, n_trials=4), runner=FakeRunner())
+    assert res.chosen is None and res.chosen_path is None and not run_dir(make_spec(tmp_path)).chosen.exists()
+    assert res.unreachable.message.startswith("No variant reached class A")
+    assert res.export_command is None
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random"])
+def test_every_sampler_is_seeded(sampler):
+    from greenopt.space import baseline_params, sample
+    from greenopt.testing_search import surrogate
+
+    def run():
+        spec = SearchSpec(sampler=sampler, n_trials=12, space=SMALL, seed=3)
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(spec))
+        study.enqueue_trial(baseline_params(SMALL, 12))
+        hashes = []
+        for _ in range(12):
+            t = study.ask()
+            v = sample(t, SMALL, 12)
+            eei, loss, _ = surrogate(v, 12)
+            t.set_constraint("class", eei - 64)
+            study.tell(t, [0.6 - loss, eei])
+            hashes.append(v.hash)
+        return hashes
+
+    first = run()
+    assert first == run() and first[0] == Variant().hash and len(set(first)) > 3
+
+
+def test_nsga2_population_is_small_for_small_budgets():
+    assert make_sampler(SearchSpec(sampler="nsga2", n_trials=20))._population_size == 10
+    assert make_sampler(SearchSpec(sampler="nsga2", n_trials=6))._population_size == 3
+
+
+def test_estimated_tier_is_marked(tmp_path):
+    res = search(make_spec(tmp_path, n_trials=4), runner=FakeRunner(tier="E1"))
+    assert res.estimated and all(r.display.startswith("~") for r in res.trials)
+
+
+def test_absolute_scheme_minimises_joules_per_token(tmp_path):
+    res = search(make_spec(tmp_path, scheme="absolute-go1", target="C", n_trials=5), runner=FakeRunner())
+    assert res.metric == "joules_per_token" and res.objectives[1] == "minimize J/token"
+    for r in res.trials:
+        assert r.energy == r.joules_per_token
+
+
+def test_timeout_stops_early(tmp_path):
+    res = search(make_spec(tmp_path, n_trials=50, timeout_s=0.2), runner=FakeRunner(sleep_s=0.1))
+    assert 1 <= sum(res.counts.values()) < 50
+
+
+def test_unknown_target_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a class"):
+        search(make_spec(tmp_path, target="Z"), runner=FakeRunner())
+
+
+def test_worker_runs_trials_of_a_prepared_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = make_spec(tmp_path, storage=url, study_name="shared", n_trials=6)
+    prepare_study(spec, num_layers=12)
+    first = worker(url, "shared", n_trials=2, runner=FakeRunner())
+    rest = worker(url, "shared", runner=FakeRunner(device_name="other device"))
+    assert [r.number for r in first] == [0, 1] and first[0].is_baseline
+    assert len(rest) == 4 and all(r.device == "other device" for r in rest)
+    with pytest.raises(ConfigError, match="no study"):
+        worker(url, "missing", runner=FakeRunner())
+
+
+def test_constraints_can_be_kept_from_the_sampler(tmp_path):
+    spec = make_spec(tmp_path, n_trials=4, constrain_sampler=False)
+    search(spec, runner=FakeRunner())
+    trials = load(spec).get_trials(states=(TrialState.COMPLETE,))
+    assert trials and all(t.constraints == {} for t in trials)
+    assert all(pareto.TrialRecord.model_validate(t.user_attrs["record"]).constraint for t in trials)
