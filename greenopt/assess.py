@@ -125,9 +125,6 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
                                     trust_remote_code=spec.trust_remote_code)
     report = None
     if spec.variant.steps:
-        from greenopt.compress import check
-
-        check(model, spec.variant)
         report = apply(model, spec.variant, tokenizer=tok, progress=progress)
     comparison = compare(baseline, model, tok, protocol, meter, progress=progress)
     if spec.eval is not None and spec.eval.tasks:
