@@ -5,3 +5,12 @@ its tier (M1 counter, M2 sampled power, E1 estimate), device and protocol. See t
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: ``greenopt.load(DIR)`` without importing torch/transformers at package import.
+    if name == "load":
+        from greenopt.export import load
+
+        return load
+    raise AttributeError(f"module 'greenopt' has no attribute {name!r}")

@@ -1,0 +1,378 @@
+"""Recipe validation beyond the schema: cross-field rules and the dry run.
+
+``cross_field_issues(recipe)`` checks rules that span fields (schemes and target letters,
+tier versus meter, tasks, bits and group sizes per method) and, when the model's config is
+readable without downloading, checks the pinned variant, or every value of every search
+dimension, against the real architecture built on the ``meta`` device (no memory, no work).
+``dry_run_issues(recipe)`` then applies one variant (the pinned one, or a seeded sample that
+moves every search dimension off its identity) to a tiny llama/mixtral with the model's layer
+and head layout, and runs one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from pydantic import ValidationError
+
+from greenopt.config import PROTOCOL_PRESETS, CalibSpec, QuantizeStep, SpaceSpec, Variant
+from greenopt.errors import ConfigError
+from greenopt.recipe import Issue, ModelSection, Recipe
+
+# ---------------------------------------------------------------------------- cross-field rules
+
+# search dimension name (greenopt.space) -> the SpaceSpec field it comes from; first prefix wins
+_SPACE_PATHS = {"bits.lm_head": "lm_head_bits", "prune.sparsity": "sparsity", "bits": "bits", "quant": "methods",
+                "prune": "prune", "depth": "depth_drop_max", "width.ffn_keep": "ffn_keep_min",
+                "width.heads_keep": "heads_keep", "experts": "expert_keep_min", "moefy.experts": "moefy_experts",
+                "moefy.top_k": "moefy_top_k"}
+
+
+class _Calibrated:
+    """Stands in for a tokenizer in architecture checks: calibrated moves only test for one."""
+
+
+def cross_field_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
+    """Rules spanning fields: schemes and targets, tier vs meter, tasks, bits and group sizes per
+    method, and (when the model's config is readable) the variant or search space against it.
+
+    Returns:
+        (issues, notes); notes say which checks could not run and why.
+    """
+    issues: list[Issue] = []
+    _scheme_and_target_issues(r, issues)
+    if r.measurement.meter == "estimate" and r.gate.require_tier in ("M1", "M2"):
+        issues.append(Issue(path="gate.require_tier", message=(
+            f"measurement.meter 'estimate' gives tier E1 but the gate requires {r.gate.require_tier}; "
+            "use meter auto, nvml or rapl, or require E1")))
+    _task_issues(r, issues)
+    if r.variant is not None:
+        for i, step in enumerate(r.variant.steps):
+            if isinstance(step, QuantizeStep):
+                issues += _quant_issues(f"variant.steps.{i}", step)
+    if r.search is not None:
+        issues += _space_issues(r.search.space)
+    cfg, notes, model_issues = model_config(r.model)
+    issues += model_issues
+    if not issues and cfg is not None:
+        issues += _architecture_issues(r, cfg)
+    return issues, notes
+
+
+def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> None:
+    from greenopt.label import load_scheme
+
+    protocol_id = r.resolved_protocol().id
+    schemes = {}
+    for key, metric in (("relative", "eei"), ("absolute", "joules_per_token")):
+        name = getattr(r.labels, key)
+        if name is None:
+            continue
+        try:
+            s = load_scheme(name)
+        except ConfigError as e:
+            issues.append(Issue(path=f"labels.{key}", message=str(e)))
+            continue
+        if s.metric != metric:
+            issues.append(Issue(path=f"labels.{key}", message=f"scheme {s.name} grades {s.metric}; "
+                                f"the {key} scheme must grade {metric}"))
+        elif not s.accepts_protocol(protocol_id):
+            issues.append(Issue(path=f"labels.{key}", message=f"scheme {s.name} assumes protocol {s.protocol}, "
+                                f"but the recipe measures under {protocol_id}"))
+        else:
+            schemes[key] = s
+    checks = [("gate.target", r.gate.target, "relative")]
+    if r.search is not None:
+        checks.append(("search.target", r.search.target, r.search.target_scheme))
+        if r.search.target_scheme == "absolute" and r.labels.absolute is None:
+            issues.append(Issue(path="search.target_scheme", message="targets the absolute class, "
+                                "but labels.absolute is null; name an absolute scheme"))
+        if r.protocol_preset_name() is None:
+            issues.append(Issue(path="protocol", message="a search needs a protocol preset name "
+                                f"({', '.join(PROTOCOL_PRESETS)}), not custom fields"))
+    for path, letter, key in checks:
+        s = schemes.get(key)
+        if letter is not None and s is not None and letter not in s.letters:
+            issues.append(Issue(path=path, message=f"class {letter!r} is not in scheme {s.name} "
+                                f"(classes {', '.join(s.letters)})"))
+
+
+def _task_issues(r: Recipe, issues: list[Issue]) -> None:
+    from greenopt.evaluate import validate_tasks
+
+    tasks = r.evaluation.tasks
+    if not tasks:
+        if r.search is not None:
+            issues.append(Issue(path="evaluation.tasks", message="a search needs at least one accuracy task"))
+        if r.gate.max_drop is not None or (r.search is not None and r.search.max_drop is not None):
+            path = "gate.max_drop" if r.gate.max_drop is not None else "search.max_drop"
+            issues.append(Issue(path=path, message="an accuracy budget needs evaluation.tasks"))
+        return
+    try:
+        validate_tasks(tasks)
+    except ConfigError as e:
+        issues.append(Issue(path="evaluation.tasks", message=str(e)))
+
+
+def _method_bits() -> dict[str, tuple[int, ...]]:
+    from greenopt.compress import quantize
+
+    return quantize._BITS  # the quantize step's own table of bits per method
+
+
+def _group_problem(method: str, bits: int, group_size: int | None) -> tuple[str, str] | None:
+    """(field, message) when ``method`` cannot take ``bits`` or ``group_size``, else None."""
+    bits_ok = _method_bits().get(method, ())
+    if bits != 16 and bits not in bits_ok:
+        return "bits", f"method {method} supports {'/'.join(map(str, bits_ok))} bits, not {bits}"
+    if method.startswith("bnb_") and bits != 16:
+        from greenopt.compress.q_bnb import problem
+
+        msg = problem(method, None, bits, group_size)
+        return ("group_size", msg) if msg else None
+    return None
+
+
+def _quant_issues(path: str, step: QuantizeStep) -> list[Issue]:
+    out = []
+    found = _group_problem(step.method, step.bits, step.group_size)
+    if found:
+        out.append(Issue(path=f"{path}.{found[0]}", message=found[1]))
+    for k, ov in enumerate(step.overrides):
+        found = _group_problem(ov.method or step.method, ov.bits or step.bits,
+                               ov.group_size if ov.group_size is not None else step.group_size)
+        if found:
+            out.append(Issue(path=f"{path}.overrides.{k}", message=found[1]))
+    return out
+
+
+def _space_issues(space: SpaceSpec) -> list[Issue]:
+    out = []
+    for field, widths in (("bits", space.bits), ("lm_head_bits", space.lm_head_bits)):
+        for method in space.methods:
+            for b in sorted({w for w in widths if w != 16}, reverse=True):
+                found = _group_problem(method, b, space.group_size)
+                if found:
+                    where = field if found[0] == "bits" else "group_size"
+                    out.append(Issue(path=f"search.space.{where}", message=found[1]))
+    if any(e < 2 for e in space.moefy_experts):
+        out.append(Issue(path="search.space.moefy_experts", message="an MoE split needs at least 2 experts"))
+    return list({i.line(): i for i in out}.values())
+
+
+def model_config(ms: ModelSection) -> tuple[Any, list[str], list[Issue]]:
+    """The model's transformers config without loading weights: (config or None, notes, issues)."""
+    from transformers import AutoConfig
+
+    from greenopt import data
+    from greenopt.errors import ModelError
+    from greenopt.models import DEFAULT_MODEL_ID, resolve
+
+    if ms.id == "default":
+        path = data.home() / "models" / DEFAULT_MODEL_ID
+        if not (path / "config.json").is_file():
+            return None, ["default model not prepared (run greenopt fetch): architecture checks skipped"], []
+        where, local = str(path), True
+    else:
+        try:
+            source, where = resolve(ms.id)
+        except ModelError as e:
+            return None, [], [Issue(path="model.id", message=str(e))]
+        local = source != "hub"
+    try:
+        cfg = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=ms.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            return None, [], [Issue(path="model.id", message=f"cannot read the model config: {first}")]
+        return None, [f"config of {ms.id} is not in the local cache: architecture checks skipped"], []
+    return cfg, [], []
+
+
+def _meta_model(r: Recipe, cfg: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=r.model.trust_remote_code)
+
+
+def _architecture_issues(r: Recipe, cfg: Any) -> list[Issue]:
+    from greenopt.compress import ApplyContext, handler
+    from greenopt.errors import MoveError
+
+    try:
+        model = _meta_model(r, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to build the architecture is the finding
+        return [Issue(path="model.id", message=f"cannot build the architecture from its config: {e}")]
+    ctx = ApplyContext(tokenizer=_Calibrated(), calib=r.calibration)
+    cases = ([(f"variant.steps.{i}", "", Variant(steps=(s,))) for i, s in enumerate(r.variant.steps)]
+             if r.variant is not None else _axis_variants(r.search.space, len_layers(cfg)))  # type: ignore[union-attr]
+    out: list[Issue] = []
+    for path, what, variant in cases:
+        if isinstance(variant, Issue):
+            out.append(variant)
+            continue
+        try:
+            for step in variant.steps:
+                handler(step.kind).check(model, step, ctx)
+        except MoveError as e:
+            if path.startswith("search.space.") and "group_size" in str(e):
+                path = "search.space.group_size"  # the width cannot take the space's group size
+            out.append(Issue(path=path, message=f"{what}{e}"))
+    return list({i.line(): i for i in out}.values())
+
+
+def len_layers(cfg: Any) -> int:
+    """Decoder layers in a config (``num_hidden_layers``; text config for multimodal ones)."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(text, "num_hidden_layers", 0) or 4)
+
+
+def _space_path(dim: str) -> str:
+    key = next((k for k in _SPACE_PATHS if dim == k or dim.startswith(k + ".")), dim)
+    return f"search.space.{_SPACE_PATHS.get(key, key)}"
+
+
+def _axis_variants(space: SpaceSpec, n_layers: int) -> list[tuple[str, str, Any]]:
+    """(field path, label, Variant or Issue) for each non-identity value of each search dimension
+    alone, and for each quantization method at each bit width."""
+    from greenopt import space as sp
+
+    dims = sp.dims(space, n_layers)
+    cases: list[tuple[str, str, dict[str, Any]]] = []
+    for d in dims:
+        values = d.choices if d.kind == "cat" else (d.low, d.high)
+        label = "bits" if d.name.startswith("bits.g") else d.name
+        cases += [(_space_path(d.name), f"{label}={v}", {d.name: v}) for v in values if v != d.identity]
+    bit_dims = [d.name for d in dims if d.name.startswith("bits.g")]
+    for method in space.methods:
+        for b in sorted({w for w in space.bits if w != 16}, reverse=True):
+            cases.append(("search.space.methods", f"method {method} at bits={b}",
+                          {**{n: b for n in bit_dims}, "quant.method": method}))
+    out: list[tuple[str, str, Any]] = []
+    for path, label, params in cases:
+        try:
+            out.append((path, f"{label}: ", sp.build(params, space, n_layers)))
+        except (ValueError, ValidationError) as e:
+            out.append(("", "", Issue(path=path, message=f"{label}: {str(e).splitlines()[0]}")))
+    return out
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+_SAMPLE_LAYERS = 8  # enough for every search dimension to move, cheap to run
+
+
+def sample_variant(space: SpaceSpec, n_layers: int, seed: int) -> Variant:
+    """A seeded variant with every search dimension off its identity (so every move runs)."""
+    from greenopt import space as sp
+
+    rng = random.Random(seed)
+    params: dict[str, Any] = {}
+    for d in sp.dims(space, n_layers):
+        if d.kind == "cat":
+            params[d.name] = rng.choice([c for c in d.choices if c != d.identity] or list(d.choices))
+        elif d.kind == "int":
+            params[d.name] = rng.randint(min(int(d.low) + 1, int(d.high)), int(d.high))
+        else:
+            steps = int(round((d.high - d.low) / d.step)) if d.step else 1
+            grid = [round(d.low + k * d.step, 6) for k in range(steps + 1)] if d.step else [d.low, d.high]
+            params[d.name] = rng.choice([g for g in grid if g != d.identity] or grid)
+    return sp.build(params, space, n_layers)
+
+
+def _layers_needed(variant: Variant) -> int:
+    """Decoder layers a twin needs so every layer index and depth cut of ``variant`` exists."""
+    from greenopt.config import parse_layers
+
+    need = 4
+    for s in variant.steps:
+        specs = [getattr(s, "layers", None)]
+        for t in [getattr(s, "target", None), *(o.target for o in getattr(s, "overrides", ()))]:
+            specs.append(t.layers if t is not None else None)
+        for spec in filter(None, specs):
+            need = max(need, max(parse_layers(spec), default=0) + 1)
+        if s.kind == "depth":
+            need = max(need, s.drop + 2)
+    return need
+
+
+def _twin_groups(variant: Variant) -> Variant:
+    """The variant with packed/torchao group sizes cut to divide 8 (the twin's width unit).
+
+    Group sizes were already checked against the real architecture; bitsandbytes block sizes
+    apply to the flattened weight and stay as they are.
+    """
+    def fit(method: str, g: int | None) -> int | None:
+        return g if g is None or method.startswith("bnb_") else math.gcd(g, 8)
+
+    steps = []
+    for s in variant.steps:
+        if isinstance(s, QuantizeStep):
+            ovs = tuple(o.model_copy(update={"group_size": fit(o.method or s.method, o.group_size)})
+                        for o in s.overrides)
+            s = s.model_copy(update={"group_size": fit(s.method, s.group_size), "overrides": ovs})
+        steps.append(s)
+    return Variant.model_validate({**variant.model_dump(), "steps": [x.model_dump() for x in steps]})
+
+
+def tiny_twin(cfg: Any, layers: int, experts: list[int]) -> Any:
+    """A tiny seeded model with ``layers`` decoder layers and ``cfg``'s head layout (llama) or
+    experts (mixtral), 8 dimensions per head; a default tiny llama layout when ``cfg`` is None."""
+    from greenopt.testing import tiny_llama, tiny_mixtral
+
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    inter = 2 * math.lcm(8, 8 * math.lcm(1, *experts))
+    moe = getattr(text, "num_local_experts", None)
+    if moe:
+        return tiny_mixtral(layers=layers, hidden=64, intermediate=inter, experts=int(moe),
+                            top_k=int(getattr(text, "num_experts_per_tok", 2)))
+    heads = int(getattr(text, "num_attention_heads", 4) or 4)
+    kv = int(getattr(text, "num_key_value_heads", None) or heads)
+    return tiny_llama(layers=layers, hidden=heads * 8, intermediate=inter, heads=heads, kv_heads=kv,
+                      tie_embeddings=bool(getattr(text, "tie_word_embeddings", True)))
+
+
+def dry_run_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
+    """Applies one variant to a tiny twin of the model and runs a forward pass.
+
+    A search is sampled for at most 8 layers (the real depth was covered by the meta-device
+    checks; 4 when the config is unknown); the twin gets as many layers as the variant's layer
+    indices and depth cut need.
+
+    Returns:
+        (issues, notes): an issue when applying or running fails, and a note of what ran.
+    """
+    import torch
+
+    from greenopt.compress import apply
+    from greenopt.testing import tiny_tokenizer
+
+    cfg, _, _ = model_config(r.model)
+    path = "variant" if r.variant is not None else "search.space"
+    try:
+        n_layers = min(len_layers(cfg), _SAMPLE_LAYERS) if cfg is not None else 4
+        variant = r.variant if r.variant is not None else sample_variant(r.search.space, n_layers, r.search.seed)
+        variant = _twin_groups(variant)
+    except (ValueError, ValidationError) as e:
+        return [Issue(path=path, message=f"cannot sample a variant: {str(e).splitlines()[0]}")], []
+    experts = [s.experts for s in variant.steps if s.kind == "moefy"]
+    model = tiny_twin(cfg, _layers_needed(variant), experts)
+    n_twin = len(model.model.layers)
+    calib = CalibSpec(samples=4, seq_len=32, seed=r.calibration.seed)
+    try:
+        apply(model, variant, tokenizer=tiny_tokenizer(), calib=calib)
+        with torch.inference_mode():
+            logits = model(torch.arange(1, 17).unsqueeze(0)).logits
+    except Exception as e:  # noqa: BLE001 - whatever stops the variant from running is the finding
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return [Issue(path=path, message=f"dry run failed on a tiny {n_twin}-layer twin: "
+                      f"{type(e).__name__}: {first}")], []
+    if not torch.isfinite(logits).all():
+        return [Issue(path=path, message="dry run: the variant gives non-finite logits on a tiny twin")], []
+    steps = ", ".join(s.kind for s in variant.steps) or "baseline"
+    return [], [f"dry run: {steps} ({variant.hash}) applied to a tiny {n_twin}-layer twin"]

@@ -1,0 +1,122 @@
+"""Recipes: shipped files validate, round-trip, map onto SearchSpec; the dry run catches what
+the static checks cannot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from greenopt.config import SearchSpec, SpaceSpec
+from greenopt.errors import ConfigError
+from greenopt.recipe import Recipe, dump_recipe, load_recipe, validate_file
+from greenopt.recipe_checks import sample_variant
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SHIPPED = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "ci").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from greenopt.testing import tiny_llama, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def test_shipped_recipes_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"cpu-demo.yaml", "gpu-1b-8b.yaml", "int8-only.yaml", "moe-sparsify.yaml", "pinned-depth4.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_pass_schema_and_cross_field_rules(path):
+    report = validate_file(path, dry_run=False)
+    assert report.ok, [i.line() for i in report.issues]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_round_trip_load_dump_load(path, tmp_path):
+    r = load_recipe(path)
+    text = dump_recipe(r)
+    again = tmp_path / path.name
+    again.write_text(text)
+    assert load_recipe(again) == r
+    assert dump_recipe(load_recipe(again)) == text
+
+
+def test_round_trip_with_a_full_protocol_and_inline_variant(tmp_path):
+    data = {"model": {"id": "default", "dtype": "float32"}, "protocol": {"preset": "mine", "new_tokens": 48,
+            "trials": 7}, "variant": {"name": "q", "steps": [{"kind": "quantize", "method": "rtn", "bits": 8}]},
+            "gate": {"target": "C", "require_tier": "M2"}, "calibration": {"samples": 8}}
+    r = load_recipe(_write(tmp_path, data))
+    assert r.resolved_protocol().id == "GO-1/b1/p256-n48" and r.protocol_preset_name() is None
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(r))
+    assert load_recipe(again) == r
+
+
+def test_variant_file_reference_is_inlined_relative_to_the_recipe():
+    r = load_recipe(RECIPES / "ci" / "pinned-depth4.yaml")
+    assert r.variant is not None and r.variant.name == "depth-4" and r.variant.steps[0].kind == "depth"
+
+
+def test_search_spec_sets_every_field():
+    r = load_recipe(RECIPES / "cpu-demo.yaml")
+    spec = r.search_spec()
+    assert set(SearchSpec.model_fields) - {"version"} <= spec.model_fields_set
+    assert (spec.model, spec.target, spec.scheme, spec.fidelity.protocol) == ("default", "B", "relative-eu", "cpu")
+    assert spec.fidelity.eval.tasks == ("arc_easy", "piqa") and spec.space.methods == ("bnb_nf4",)
+    assert spec.name == "cpu-demo" and spec.calib == r.calibration
+
+
+def test_search_spec_refuses_a_pinned_recipe():
+    with pytest.raises(ConfigError, match="pins a variant"):
+        load_recipe(RECIPES / "ci" / "pinned-depth4.yaml").search_spec()
+
+
+def test_load_recipe_names_the_first_bad_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.yaml: search.space.bitz: Extra inputs are not permitted"):
+        load_recipe(_write(tmp_path, {"search": {"space": {"bitz": [4]}}}))
+
+
+def test_sample_variant_moves_every_dimension():
+    space = SpaceSpec(bits=(16, 4), methods=("hqq", "rtn"), moefy_experts=(4,), heads_keep=(0.5,))
+    v = sample_variant(space, 4, seed=3)
+    assert {s.kind for s in v.steps} == {"depth", "width", "moefy", "prune", "quantize"}
+    assert sample_variant(space, 4, seed=3) == v
+
+
+def test_dry_run_applies_a_pinned_variant_to_a_twin(tiny_dir, tmp_path):
+    data = {"model": str(tiny_dir), "variant": {"steps": [
+        {"kind": "depth", "layers": "1"},
+        {"kind": "quantize", "method": "hqq", "bits": 4, "group_size": 32, "target": {"layers": "0-2"}}]}}
+    report = validate_file(_write(tmp_path, data))
+    assert report.ok, [i.line() for i in report.issues]
+    assert any("applied to a tiny 4-layer twin" in n for n in report.notes)
+
+
+def test_dry_run_catches_a_step_broken_by_an_earlier_one(tiny_dir, tmp_path):
+    # Each step alone fits the 4-layer model (the static check passes); after dropping a layer,
+    # layer 3 no longer exists, which only running the variant reveals.
+    data = {"model": str(tiny_dir), "variant": {"steps": [
+        {"kind": "depth", "layers": "0"},
+        {"kind": "quantize", "method": "rtn", "bits": 8, "target": {"layers": "3"}}]}}
+    static = validate_file(_write(tmp_path, data), dry_run=False)
+    assert static.ok
+    report = validate_file(_write(tmp_path, data))
+    assert [i.path for i in report.issues] == ["variant"]
+    assert "dry run failed" in report.issues[0].message
+
+
+def test_recipe_model_accepts_a_bare_string():
+    assert Recipe.model_validate({"model": "x", "variant": {}}).model.id == "x"
