@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
-DEMO_ARGS ?= --budget 12 --name demo
+DEMO_ARGS ?= --budget 10 --limit 40 --depth-max 0.5 --ffn-keep-min 0.25 --name demo --resume --threads 2
 
 .PHONY: install data demo test test-unit test-gpu clean
 

@@ -15,7 +15,7 @@ from pathlib import Path
 EPILOG_VERIFY = """examples:
   greenopt verify exports/int4 --target B --max-drop 0.01
   greenopt verify exports/int4 --target B --max-drop 0.01 --require-tier M1 --meter nvml
-  greenopt verify recipes/int8-only.yaml --target D
+  greenopt verify recipes/ci/pinned-depth4.yaml --target E --max-drop 0.03
 
 exit status: 0 when every check passes; 1 with one line on stderr naming the first failure
 (class worse than the target at the worse end of its interval, accuracy drop over budget,
@@ -24,7 +24,7 @@ tier below --require-tier, a changed protocol, a missing task or no measurement)
 
 EPILOG_APPLY = """examples:
   greenopt apply --model default --variant recipes/variants/hqq4-ffn.yaml --out exports/hqq4
-  greenopt apply recipes/int8-only.yaml --out exports/int8
+  greenopt apply recipes/ci/pinned-depth4.yaml --out exports/depth-4
 """
 
 

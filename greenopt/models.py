@@ -121,8 +121,14 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",
     model_id = DEFAULT_MODEL_ID if source == "default" else spec
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+        if source == "local" and (Path(where) / "greenopt_modules.json").is_file():
+            # Variants transformers cannot rebuild (packed low-bit, MoEfied) load through greenopt.
+            from greenopt.export import load as load_export
+
+            model = load_export(where, device="cpu", dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model {spec!r}: {first}") from None

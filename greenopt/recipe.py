@@ -10,7 +10,7 @@ Example:
     >>> recipe = load_recipe("recipes/cpu-demo.yaml")          # doctest: +SKIP
     >>> recipe.search_spec().target                               # doctest: +SKIP
     'B'
-    >>> validate_file("recipes/int8-only.yaml").ok                # doctest: +SKIP
+    >>> validate_file("recipes/ci/pinned-depth4.yaml").ok         # doctest: +SKIP
     True
 
 ``validate_file`` checks the schema, then cross-field rules (schemes load and the target

@@ -119,7 +119,7 @@ def _task_issues(r: Recipe, issues: list[Issue]) -> None:
 def _method_bits() -> dict[str, tuple[int, ...]]:
     from greenopt.compress import quantize
 
-    return quantize._BITS  # the quantize step's own table of bits per method
+    return quantize.BITS  # the quantize step's own table of bits per method
 
 
 def _group_problem(method: str, bits: int, group_size: int | None) -> tuple[str, str] | None:

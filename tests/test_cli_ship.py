@@ -4,30 +4,19 @@ exit 1; apply writes a reloadable export; verify prints one line and fails non-z
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from greenopt import cli_ship
-from greenopt.errors import GreenoptError
 
 
 def run(argv: list[str]) -> int:
-    """greenopt's CLI contract for these subcommands: GreenoptError -> one line, exit 1."""
-    from greenopt.cli import _add_measure_args
+    """The real entry point: parse, call the handler, one-line error and exit 1 on bad input."""
+    from greenopt.cli import main
 
-    parser = argparse.ArgumentParser(prog="greenopt")
-    sub = parser.add_subparsers(dest="command")
-    cli_ship.add_parsers(sub, _add_measure_args)
-    args = parser.parse_args(argv)
-    try:
-        return int(cli_ship.HANDLERS[args.command](args) or 0)
-    except GreenoptError as e:
-        print(f"greenopt: error: {e}", file=sys.stderr)
-        return 1
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

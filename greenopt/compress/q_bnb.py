@@ -113,7 +113,7 @@ def quantize_module(lin: torch.nn.Linear, method: str, group_size: int | None, t
                                        blocksize=group_size or 64, compress_statistics=False)
     if bias is not None:
         new.bias = torch.nn.Parameter(bias.detach().clone().cpu(), requires_grad=False)
-    return new.to(dev)  # bitsandbytes quantizes here
+    return new.to(dev).train(lin.training)  # bitsandbytes quantizes here; keep the replaced mode
 
 
 def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:

@@ -55,7 +55,7 @@ BACKENDS: dict[str, tuple[str, str | None]] = {
     "bnb_fp4": ("greenopt.compress.q_bnb", "bitsandbytes==0.50.2"),
     "torchao_int8": ("greenopt.compress.q_torchao", "torchao==0.18.0"),
 }
-_BITS = {"rtn": (8, 4, 3, 2), "gptq": (8, 4, 3, 2), "hqq": (8, 4, 3, 2), "bnb_int8": (8,),
+BITS = {"rtn": (8, 4, 3, 2), "gptq": (8, 4, 3, 2), "hqq": (8, 4, 3, 2), "bnb_int8": (8,),
          "bnb_nf4": (4,), "bnb_fp4": (4,), "torchao_int8": (8,)}
 _PACKED = ("rtn", "gptq", "hqq")
 _ORDER = ("rtn", "hqq", "bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", "gptq")  # gptq last: it sees the rest
@@ -120,8 +120,8 @@ def plan(model: torch.nn.Module, step: QuantizeStep) -> tuple[list[Planned], lis
 def _resolve(name: str, mod: torch.nn.Module, method: str, bits: int, gs: int | None) -> int | None:
     if method not in BACKENDS:
         raise MoveError(f"quantize: unknown method {method!r}; choose one of {', '.join(BACKENDS)}")
-    if bits not in _BITS[method]:
-        raise MoveError(f"quantize: {name}: {method} supports {'/'.join(map(str, _BITS[method]))} bits, "
+    if bits not in BITS[method]:
+        raise MoveError(f"quantize: {name}: {method} supports {'/'.join(map(str, BITS[method]))} bits, "
                         f"not {bits}; give this module an override with method rtn, hqq or gptq")
     if isinstance(mod, torch.nn.Embedding) and method != "rtn":
         raise MoveError(f"quantize: {name} is an embedding; only method rtn quantizes embeddings "
