@@ -355,7 +355,7 @@ def render_readme_section(card: LabelCard | None, m: ExportManifest | None) -> s
         out += [f"- **Relative class: {card.relative.display}** (EEI {card.relative.value:.1f}, 95% CI "
                 f"{card.relative.interval[0]:.1f}–{card.relative.interval[1]:.1f}; scheme "
                 f"{card.relative.scheme} v{card.relative.scheme_version})",
-                f"- Absolute: " + (f"class {card.absolute.display} ({card.absolute.scheme} v{card.absolute.scheme_version})"
+                "- Absolute: " + (f"class {card.absolute.display} ({card.absolute.scheme} v{card.absolute.scheme_version})"
                                    if card.absolute else f"not graded ({card.absolute_note})"),
                 f"- J/token: {c.joules_per_token:.4g} (95% CI {c.joules_per_token_ci[0]:.4g}–"
                 f"{c.joules_per_token_ci[1]:.4g}), tier {card.tier}{est}; baseline {card.baseline.joules_per_token:.4g}",

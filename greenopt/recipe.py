@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
-from greenopt.config import (PROTOCOL_PRESETS, CalibSpec, EvalSpec, FidelitySpec, Protocol, QuantizeStep,
+from greenopt.config import (PROTOCOL_PRESETS, CalibSpec, EvalSpec, FidelitySpec, Protocol,
                              SearchSpec, SpaceSpec, Strict, Variant, load_yaml, protocol_preset)
 from greenopt.errors import ConfigError
 from greenopt.records import Record, Tier

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     base_acc = evaluate(base, tok, spec).score("arc_easy").value
     base_ppl = perplexity(base, tok)
     families = args.only.split(",") if args.only else list(MOVES)
-    rows = [("baseline (fp32)", 1.0, 100.0, (100.0, 100.0), "-", base_bytes := _bytes(base), base_ppl, base_acc,
+    rows = [("baseline (fp32)", 1.0, 100.0, (100.0, 100.0), "-", _bytes(base), base_ppl, base_acc,
              "-", "")]
     for fam in families:
         for name, variant in MOVES[fam]:

@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny llama checkpoint folder with its tokenizer (for CLI tests)."""
+    from greenopt.testing import tiny_llama, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

@@ -2,18 +2,7 @@
 
 import json
 
-import pytest
-
 from greenopt.cli import main
-from greenopt.testing import tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def _one_line_error(capsys, rc):

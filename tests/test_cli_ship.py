@@ -19,16 +19,6 @@ def run(argv: list[str]) -> int:
     return main(argv)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from greenopt.testing import tiny_llama, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 # ---------------------------------------------------------------------------- malformed recipes
 
 Q4 = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32}

@@ -17,16 +17,6 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "ci").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from greenopt.testing import tiny_llama, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 def _write(tmp_path: Path, data: dict) -> Path:
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(data, sort_keys=False))
