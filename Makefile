@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
-DEMO_ARGS ?= --budget 10 --limit 40 --depth-max 0.5 --ffn-keep-min 0.25 --name demo --resume --threads 2
+DEMO_ARGS ?= --name demo --resume --threads 2
 
 .PHONY: install data demo test test-unit test-gpu clean
 
@@ -24,7 +24,7 @@ data: $(STAMP)
 	$(BIN)/greenopt fetch
 
 demo: data
-	$(BIN)/greenopt search --model default --target A $(DEMO_ARGS)
+	$(BIN)/greenopt search recipes/cpu-demo.yaml --model default --target A $(DEMO_ARGS)
 
 test: data
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -33,6 +33,12 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+    try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)
-out = Console()
+# Piped output (logs, CI) gets a wide fixed width so tables are not cut to 80 columns.
+out = Console() if Console().is_terminal else Console(width=200)
 
 
 @contextlib.contextmanager

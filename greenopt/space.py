@@ -140,7 +140,7 @@ def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
     if pattern != "none":
         sparsity = 0.5 if pattern == "2:4" else _r(p.get("prune.sparsity", spec.sparsity[0]))
         steps.append(PruneStep(method=spec.prune_method, pattern=pattern, sparsity=sparsity))
-    steps += _quantize_steps(p, spec, num_layers - drop)
+    steps += _quantize_steps(p, spec, num_layers - drop, ffn_dense=not experts)
     return Variant(steps=tuple(steps))
 
 
@@ -160,14 +160,18 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
     return out
 
 
-def _quantize_steps(p: dict[str, Any], spec: SpaceSpec, num_layers: int) -> list[QuantizeStep]:
-    parts = ("attn", "ffn") if spec.split_attn_ffn else ("all",)
+def _quantize_steps(p: dict[str, Any], spec: SpaceSpec, num_layers: int,
+                    ffn_dense: bool = True) -> list[QuantizeStep]:
+    # A MoEfied FFN has no Linear layers left to quantize: its groups stay at 16 bits.
+    parts = ("attn", "ffn") if spec.split_attn_ffn or not ffn_dense else ("all",)
     method = p.get("quant.method", spec.methods[0])
     assigned: list[tuple[Target, int]] = []
     for g, (a, b) in enumerate(layer_groups(num_layers, spec.layer_groups)):
         layers = f"{a}-{b}" if b > a else str(a)
         for part in parts:
-            assigned.append((Target(include=_PARTS[part], layers=layers), int(p.get(f"bits.g{g}.{part}", 16))))
+            key = f"bits.g{g}.{part if spec.split_attn_ffn else 'all'}"
+            bits = 16 if part == "ffn" and not ffn_dense else int(p.get(key, 16))
+            assigned.append((Target(include=_PARTS[part], layers=layers), bits))
     steps: list[QuantizeStep] = []
     if any(bits != 16 for _, bits in assigned):
         counts = Counter(bits for _, bits in assigned)

@@ -32,14 +32,10 @@ from greenopt.models import load_model
 FFN = Target(include=("*mlp*",))
 MOVES: dict[str, list[tuple[str, Variant]]] = {
     "quant": [
-        ("bnb int8 (t=6.0)", Variant(steps=[QuantizeStep(method="bnb_int8", bits=8)])),
         ("bnb nf4", Variant(steps=[QuantizeStep(method="bnb_nf4", bits=4)])),
         ("torchao int8 wo", Variant(steps=[QuantizeStep(method="torchao_int8", bits=8)])),
         ("hqq 4b g64", Variant(steps=[QuantizeStep(method="hqq", bits=4, group_size=64)])),
-        ("rtn 4b g192", Variant(steps=[QuantizeStep(method="rtn", bits=4, group_size=192)])),
         ("gptq 4b g64", Variant(steps=[QuantizeStep(method="gptq", bits=4, group_size=64)])),
-        ("gptq 2b g16 FFN mid", Variant(steps=[QuantizeStep(method="gptq", bits=2, group_size=16,
-                                                            target=Target(include=("*mlp*",), layers="8-21"))])),
     ],
     "prune": [
         ("wanda 50%", Variant(steps=[PruneStep(method="wanda", sparsity=0.5)])),
@@ -48,16 +44,13 @@ MOVES: dict[str, list[tuple[str, Variant]]] = {
     "depth": [
         ("depth -4", Variant(steps=[DepthStep(drop=4)])),
         ("depth -8", Variant(steps=[DepthStep(drop=8)])),
-        ("depth -12", Variant(steps=[DepthStep(drop=12)])),
     ],
     "width": [
         ("width ffn 75%", Variant(steps=[WidthStep(ffn_keep=0.75)])),
         ("width ffn 50%", Variant(steps=[WidthStep(ffn_keep=0.5)])),
-        ("width heads 2/3", Variant(steps=[WidthStep(heads_keep=2 / 3)])),
     ],
     "moefy": [
         ("moefy 8x4", Variant(steps=[MoefyStep(experts=8, top_k=4)])),
-        ("moefy 8x2", Variant(steps=[MoefyStep(experts=8, top_k=2)])),
     ],
 }
 

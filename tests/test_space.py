@@ -125,3 +125,19 @@ def test_sampled_variants_pass_the_handlers_checks():
     spec = SpaceSpec()
     for _, v in _random_variants(spec, 6, 15, seed=3):
         check(model, v, ApplyContext(tokenizer=tiny_tokenizer()))
+
+
+def test_moefied_ffn_is_left_unquantized_so_overrides_always_match():
+    from greenopt.compress import apply
+    from greenopt.config import SpaceSpec
+    from greenopt.space import build
+    from greenopt.testing import tiny_llama, tiny_tokenizer
+
+    spec = SpaceSpec(bits=(16, 4), methods=("rtn",), group_size=32, layer_groups=2, prune=(),
+                     moefy_experts=(4,), moefy_top_k=(2,))
+    params = {"moefy.experts": 4, "moefy.top_k": 2, "bits.g0.attn": 4, "bits.g0.ffn": 4,
+              "bits.g1.attn": 16, "bits.g1.ffn": 4}
+    variant = build(params, spec, num_layers=4)
+    quant = [s for s in variant.steps if s.kind == "quantize"]
+    assert quant[0].bits == 16 and [o.target.include for o in quant[0].overrides] == [("*self_attn*",)]
+    apply(tiny_llama(), variant, tokenizer=tiny_tokenizer())  # no MoveError: every override matches
