@@ -64,7 +64,7 @@ def test_search_spec_sets_every_field():
     r = load_recipe(RECIPES / "cpu-demo.yaml")
     spec = r.search_spec()
     assert set(SearchSpec.model_fields) - {"version"} <= spec.model_fields_set
-    assert (spec.model, spec.target, spec.scheme, spec.fidelity.protocol) == ("default", "B", "relative-eu", "cpu")
+    assert (spec.model, spec.target, spec.scheme, spec.fidelity.protocol) == ("default", "A", "relative-eu", "cpu")
     assert spec.fidelity.eval.tasks == ("arc_easy", "piqa") and spec.space.methods == ("bnb_nf4",)
     assert spec.name == "cpu-demo" and spec.calib == r.calibration
 
