@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import html
-import json
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import greenopt
-from greenopt.config import Protocol, validated
+from greenopt.config import Protocol, load_json, validated
 from greenopt.errors import ConfigError
 from greenopt.label import (DEFAULT_GRID_G_PER_KWH, Grade, LabelScheme, carbon_g_per_1k_tokens,
                             grade_comparison, grade_measurement, load_scheme)
@@ -287,11 +286,7 @@ def load_card(path: str | Path) -> LabelCard:
         p = p / CARD_FILES["json"]
     if not p.is_file():
         raise ConfigError(f"{p}: no label card there; write one with write_card or `greenopt export`")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON at line {e.lineno}") from None
-    return validated(LabelCard, data, where=str(p))  # type: ignore[arg-type]
+    return load_json(p, LabelCard)
 
 
 def write_card(card: LabelCard, out_dir: str | Path) -> dict[str, Path]:

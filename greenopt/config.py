@@ -281,6 +281,16 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: not valid YAML{at}") from None
 
 
+def load_json(path: str | Path, model: type[BaseModel]) -> Any:
+    """Reads a JSON file into a validated ``model``; ConfigError on bad JSON or fields."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON at line {e.lineno}") from None
+    return validated(model, data, where=str(p))  # type: ignore[arg-type]
+
+
 def load_variant(path: str | Path) -> Variant:
     """Loads a variant file (YAML or JSON)."""
     return validated(Variant, load_yaml(path), where=str(path))

@@ -279,16 +279,12 @@ def load_manifest(folder: str | Path) -> ExportManifest:
     Raises:
         ConfigError: not a greenopt export, or an invalid manifest.
     """
-    import json
+    from greenopt.config import load_json
 
     p = Path(folder) / MANIFEST
     if not p.is_file():
         raise ConfigError(f"{folder}: not a greenopt export (no {MANIFEST}); write one with greenopt export/apply")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON at line {e.lineno}") from None
-    return validated(ExportManifest, data, where=str(p))  # type: ignore[arg-type]
+    return load_json(p, ExportManifest)
 
 
 def load(folder: str | Path, *, device: str = "cpu", dtype: str | None = None) -> torch.nn.Module:
