@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from greenopt import pareto, rundir, space
+from greenopt import pareto, rundir, space, study_storage
 from greenopt.config import SearchSpec, Variant, dump_yaml, validated
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import LabelScheme, grade_comparison, grade_measurement, load_scheme
@@ -120,7 +119,7 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     rd = rundir.prepare(spec, resume=resume, force=force)
     storage_url = spec.storage or rd.sqlite_url
     study = open_study(spec, storage_url, create=True, resume=resume)
-    _recover(study, shared=spec.storage is not None)
+    study_storage.recover(study, shared=spec.storage is not None)
     _ensure_baseline(study, spec, runner.num_layers)
     rundir.write_json(rd.environment, rundir.environment(runner.environment()))
     interrupted = _drive(study, spec, scheme, runner, rd, progress, on_trial, max_trials=None,
@@ -154,11 +153,11 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
     Raises:
         ConfigError: the study does not exist or was not created by greenopt search.
     """
-    probe = _storage(storage, shared=True, heartbeat_s=60)
+    probe = study_storage.open_storage(storage, shared=True, heartbeat_s=60)
     try:
         raw = optuna.load_study(study_name=study_name, storage=probe).user_attrs.get(SPEC_ATTR)
     except KeyError:
-        raise ConfigError(f"no study {study_name!r} in {_redact(storage)}; start it with "
+        raise ConfigError(f"no study {study_name!r} in {study_storage.redact(storage)}; start it with "
                           "`greenopt search --storage ... --name ...` first") from None
     if raw is None:
         raise ConfigError(f"study {study_name!r} was not created by greenopt search (no stored spec)")
@@ -207,14 +206,15 @@ def open_study(spec: SearchSpec, storage_url: str, *, create: bool, resume: bool
             shared storage.
     """
     shared = spec.storage is not None
-    storage = _storage(storage_url, shared=shared, heartbeat_s=spec.heartbeat_interval_s)
+    storage = study_storage.open_storage(storage_url, shared=shared, heartbeat_s=spec.heartbeat_interval_s)
     name = spec.resolved_study_name
     if create:
         study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
                                     load_if_exists=True)
         if not resume and shared and study.get_trials(deepcopy=False):
-            raise ConfigError(f"study {name!r} already has trials in {_redact(storage_url)}; pass --resume "
-                              "to continue it or choose another --study-name")
+            where = study_storage.redact(storage_url)
+            raise ConfigError(f"study {name!r} already has trials in {where}; pass --resume "
+                              "to continue it or choose another --name")
         study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -286,7 +286,7 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
     t0, ran = time.monotonic(), 0
     while True:
         if shared:
-            _fail_stale(study)  # a dead worker's RUNNING trial would hold budget forever
+            study_storage.fail_stale(study)  # a dead worker's RUNNING trial would hold budget forever
         left = _budget_left(study, spec.n_trials)
         if max_trials is not None:
             left = min(left, max_trials - ran)
@@ -323,7 +323,7 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
     base = dict(number=trial.number, variant=variant, variant_hash=variant.hash, params=dict(trial.params),
                 is_baseline=variant.is_baseline, device=ctx.runner.device_name, worker=ctx.worker, started=started)
     try:
-        with _Heartbeat(ctx.study, trial, ctx.spec.heartbeat_interval_s if ctx.shared else None):
+        with study_storage.Heartbeat(ctx.study, trial, ctx.spec.heartbeat_interval_s if ctx.shared else None):
             cached = _cached(ctx.study, variant.hash, ctx.runner.device_name, trial.number)
             if cached is not None:
                 log.info("trial %d repeats trial %d (variant %s): reusing its result",
@@ -425,83 +425,12 @@ def _budget_left(study: optuna.Study, n_trials: int) -> int:
     return n_trials - used
 
 
-# ---------------------------------------------------------------------------- storage and recovery
-
-
-def _storage(url: str, *, shared: bool, heartbeat_s: int) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite"):
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-    else:
-        kwargs = {"pool_pre_ping": True}
-    if shared:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=3 * heartbeat_s)
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-
-
-def _redact(url: str) -> str:
-    head, sep, tail = url.partition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, _ = head.partition("://")
-    return f"{scheme}://***@{tail}"
-
-
-def _recover(study: optuna.Study, *, shared: bool) -> None:
-    """Marks trials left RUNNING by a dead process as FAIL (all of them for a private study)."""
-    if shared:
-        _fail_stale(study)
-        return
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        log.warning("trial %d was left running by a stopped process; marking it failed (lost)", t.number)
-        study.tell(t.number, state=TrialState.FAIL)
-
-
-def _fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
 def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> None:
     """Enqueues the baseline as the next trial unless one is done, waiting or running."""
     keep = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
     if any(t.user_attrs.get("baseline") and t.state in keep for t in study.get_trials(deepcopy=False)):
         return
     study.enqueue_trial(space.baseline_params(spec.space, num_layers), user_attrs={"baseline": True})
-
-
-class _Heartbeat:
-    """Records the trial's heartbeat every ``interval_s`` in a thread (RDB storages only)."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: int | None) -> None:
-        storage = study._storage  # optuna keeps no public handle; record_heartbeat is public on it
-        self._beat = getattr(storage, "record_heartbeat", None) if interval_s else None
-        self._id, self._interval = trial._trial_id, interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Heartbeat":
-        if self._beat is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._beat(self._id)
-            except Exception as e:  # noqa: BLE001 - a missed beat must not kill the trial
-                log.warning("heartbeat failed: %s", e)
-            if self._stop.wait(self._interval):
-                return
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 def _default_runner(spec: SearchSpec) -> TrialRunner:
@@ -540,7 +469,8 @@ def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rund
     elif rd.chosen.exists():
         rd.chosen.unlink()
     result = SearchResult(
-        run_dir=str(rd.root), study_name=study.study_name, storage=_redact(storage_url), target=spec.target,
+        run_dir=str(rd.root), study_name=study.study_name, storage=study_storage.redact(storage_url),
+        target=spec.target,
         scheme=scheme.name, metric=scheme.metric, max_drop=spec.max_drop, objectives=objective_names(scheme),
         n_trials=spec.n_trials, counts=counts, baseline=next((r for r in rows if r.is_baseline), None),
         front=tuple(sorted((r for r in rows if r.on_front), key=lambda r: -r.mean_accuracy)), trials=rows,
