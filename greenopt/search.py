@@ -300,6 +300,8 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
             trial = study.ask()
+        if shared:
+            study_storage.beat(study, trial)  # at once: a trial killed before its first beat is never stale
         try:
             rec = _run_trial(ctx, trial)
         except KeyboardInterrupt:

@@ -54,6 +54,13 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def beat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Records one heartbeat for ``trial`` now (RDB storages with heartbeats only)."""
+    record = getattr(study._storage, "record_heartbeat", None)
+    if record is not None and study._storage.get_heartbeat_interval():
+        record(trial._trial_id)
+
+
 class Heartbeat:
     """Records the trial's heartbeat every ``interval_s`` in a thread (RDB storages only)."""
 

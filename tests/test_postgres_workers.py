@@ -122,6 +122,7 @@ def test_a_dead_workers_trial_is_failed_by_heartbeat_and_replaced(pg_url, tmp_pa
         while not any(t.state.name == "RUNNING" for t in _states(pg_url, "dead")):
             assert time.monotonic() < deadline, "the first worker never started a trial"
             time.sleep(0.2)
+        time.sleep(1.5)  # inside the trial, beating; the kill lands mid-trial, not between ask and beat
     finally:
         doomed.kill()  # kill -9: no chance to tell the study anything
         doomed.join()
