@@ -70,6 +70,14 @@ def mean_accuracy(scores: Sequence[TaskScore]) -> tuple[float, float]:
     return mean, se
 
 
+def group_near(want: int, widths: Sequence[int]) -> int:
+    """A group size that divides every input width: ``want`` itself, else the nearest such
+    multiple of 8 (ties to the larger). GPTQ's usual 128 does not divide SmolLM2's 576."""
+    g = math.gcd(*widths)
+    divs = [d for d in range(8, g + 1, 8) if g % d == 0] or [g]
+    return min(divs, key=lambda d: (abs(d - want), -d))
+
+
 def twinnable(variant: Variant) -> bool:
     """True when every quantize step is weight-only (and there is at least one)."""
     methods = [s.method for s in variant.steps if s.kind == "quantize"]

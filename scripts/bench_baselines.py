@@ -39,7 +39,7 @@ import warnings
 import torch
 
 from greenopt import __version__
-from greenopt.bench import DequantizedTwin, Point, mean_accuracy, plot_png, twinnable, verdict
+from greenopt.bench import DequantizedTwin, Point, group_near, mean_accuracy, plot_png, twinnable, verdict
 from greenopt.config import (CalibSpec, DepthStep, EvalSpec, FidelitySpec, MoefyStep, PruneStep, QuantizeStep,
                              SearchSpec, SpaceSpec, Variant, protocol_preset)
 from greenopt.evaluate import evaluate, validate_tasks
@@ -54,7 +54,7 @@ TWIN_MIN_AGREE = 0.995  # top-1 agreement of twin vs real logits needed to score
 
 def baselines(num_layers: int, in_features: list[int]) -> dict[str, Variant]:
     """Each technique as a user would apply it by hand (issue 6's list), keyed by short name."""
-    gptq_g = _group_near(128, in_features)
+    gptq_g = group_near(128, in_features)
     drop = int(num_layers * 0.25 + 0.5)
     return {
         "bnb-int8": Variant(name="bnb LLM.int8 (t=6)", steps=[QuantizeStep(method="bnb_int8", bits=8,
@@ -72,17 +72,13 @@ def baselines(num_layers: int, in_features: list[int]) -> dict[str, Variant]:
     }
 
 
-def _group_near(want: int, widths: list[int]) -> int:
-    """GPTQ group size: ``want`` if it divides every input width, else the nearest divisor that does."""
-    g = math.gcd(*widths)
-    divs = [d for d in range(8, g + 1, 8) if g % d == 0] or [g]
-    return min(divs, key=lambda d: (abs(d - want), -d))
-
-
 def search_space() -> SpaceSpec:
-    """The CPU search space: the moves that cut work on dense CPU kernels (docs/MOVES.md)."""
-    return SpaceSpec(bits=(), prune=(), depth_drop_max=0.5, ffn_keep_min=0.375, keep_step=0.125,
-                     moefy_experts=(8,), moefy_top_k=(2, 4))
+    """The CPU search space: the moves that cut work on dense CPU kernels (docs/MOVES.md, docs/BENCHMARKS.md):
+    fewer layers, narrower FFNs, MoE-style FFN sparsity, and per-row int8 weights (torchao),
+    whose smaller weight reads beat fp32 on a memory-bound batch-1 decode. Pruning to sparse
+    weights saves nothing on dense kernels and 4-bit paths cost 1.6-3.6x here: left out."""
+    return SpaceSpec(bits=(16, 8), methods=("torchao_int8",), group_size=None, prune=(), depth_drop_max=0.5,
+                     ffn_keep_min=0.375, keep_step=0.125, moefy_experts=(8,), moefy_top_k=(2, 4))
 
 
 def main(argv=None) -> int:
