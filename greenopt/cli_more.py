@@ -29,6 +29,8 @@ def add_parsers(sub, add_measure_args) -> None:
     p.add_argument("--budget", type=int, help="number of trials, the baseline included (default: 20)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default: tpe)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="do not start with each move of the space alone (default: warm start on)")
     p.add_argument("--seed", type=int, help="sampler and subset seed (default: 0)")
     p.add_argument("--tasks", nargs="+", help="accuracy tasks for the full fidelity (default: arc_easy piqa)")
     p.add_argument("--limit", type=int, help="items per task in the full fidelity (default: 100)")
@@ -85,6 +87,8 @@ def _spec_from_args(args):
                      ("runs_dir", args.runs_dir), ("storage", args.storage)):
         if val is not None:
             data[key] = val
+    if args.no_warm_start:
+        data["warm_start"] = False
     space = dict(data.get("space", {}))
     if args.bits:
         space["bits"] = tuple(args.bits)

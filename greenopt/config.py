@@ -411,6 +411,9 @@ class SearchSpec(Strict):
     constrain_sampler: bool = True  # pass the target class and max_drop to the sampler as constraints
     population_size: int | None = Field(None, ge=2)  # NSGA-II; None: min(10, max(2, n_trials // 2))
     n_trials: int = Field(20, ge=1)
+    # After the baseline, try each move of the space alone (greenopt.space.single_moves) before
+    # the sampler's own picks: the search starts from what a user would try by hand.
+    warm_start: bool = True
     timeout_s: float | None = Field(None, gt=0)
     seed: int = 0
     space: SpaceSpec = SpaceSpec()

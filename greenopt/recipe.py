@@ -104,6 +104,7 @@ class RecipeSearch(Strict):
     constrain_sampler: bool = _default("constrain_sampler")
     population_size: int | None = Field(_default("population_size"), ge=2)
     n_trials: int = Field(_default("n_trials"), ge=1)
+    warm_start: bool = _default("warm_start")
     timeout_s: float | None = Field(_default("timeout_s"), gt=0)
     seed: int = _default("seed")
     space: SpaceSpec = SpaceSpec()
@@ -193,7 +194,7 @@ class Recipe(Strict):
         return SearchSpec(
             model=self.model.id, dtype=self.model.dtype, target=s.target, scheme=scheme or "",
             max_drop=s.max_drop, sampler=s.sampler, constrain_sampler=s.constrain_sampler,
-            population_size=s.population_size, n_trials=s.n_trials,
+            population_size=s.population_size, n_trials=s.n_trials, warm_start=s.warm_start,
             timeout_s=s.timeout_s, seed=s.seed, space=s.space,
             fidelity=FidelitySpec(**ev.fidelity.model_dump(), protocol=preset,
                                   eval=ev.eval_spec() or EvalSpec(tasks=())),

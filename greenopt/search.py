@@ -433,6 +433,10 @@ def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> 
     if any(t.user_attrs.get("baseline") and t.state in keep for t in study.get_trials(deepcopy=False)):
         return
     study.enqueue_trial(space.baseline_params(spec.space, num_layers), user_attrs={"baseline": True})
+    if spec.warm_start and not study.user_attrs.get("warm_started"):
+        study.set_user_attr("warm_started", True)
+        for params in space.single_moves(spec.space, num_layers)[:max(0, spec.n_trials - 1)]:
+            study.enqueue_trial(params, user_attrs={"warm_start": True})
 
 
 def _default_runner(spec: SearchSpec) -> TrialRunner:

@@ -86,6 +86,54 @@ def baseline_params(spec: SpaceSpec, num_layers: int) -> dict[str, Any]:
     return {d.name: d.identity for d in dims(spec, num_layers)}
 
 
+def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
+    """Each move of the space alone, as a user would try it by hand, mildest first.
+
+    For the search's warm start (``SearchSpec.warm_start``): uniform quantization at each
+    bit width and method, each pruning pattern at its middle sparsity, an eighth and a quarter
+    of the layers dropped, an FFN kept at 75%, each head fraction, and each MoE split with its
+    largest top-k. Values are snapped to the space's grid; each dict builds a one-move Variant.
+    """
+    by_name = {d.name: d for d in dims(spec, num_layers)}
+    base = baseline_params(spec, num_layers)
+    out: list[dict[str, Any]] = []
+
+    def add(**change: Any) -> None:
+        p = {**base, **change}
+        if p != base and p not in out:
+            out.append(p)
+
+    bit_dims = [n for n in by_name if n.startswith("bits.g")]
+    methods = by_name["quant.method"].choices if "quant.method" in by_name else (None,)
+    for bits in (b for b in by_name[bit_dims[0]].choices if b != 16) if bit_dims else ():
+        for m in methods:
+            add(**{n: bits for n in bit_dims}, **({"quant.method": m} if m else {}))
+    if "prune" in by_name:
+        mid = by_name.get("prune.sparsity")
+        for pattern in by_name["prune"].choices[1:]:
+            extra = {"prune.sparsity": _snap(mid, (mid.low + mid.high) / 2)} if mid and pattern == "unstructured" else {}
+            add(prune=pattern, **extra)
+    if "depth.drop" in by_name:
+        hi = int(by_name["depth.drop"].high)
+        for frac in (0.125, 0.25):
+            add(**{"depth.drop": min(hi, max(1, round(num_layers * frac)))})
+    if "width.ffn_keep" in by_name:
+        add(**{"width.ffn_keep": _snap(by_name["width.ffn_keep"], 0.75)})
+    for h in by_name["width.heads_keep"].choices[1:2] if "width.heads_keep" in by_name else ():
+        add(**{"width.heads_keep": h})
+    if "moefy.experts" in by_name:
+        for e in by_name["moefy.experts"].choices[1:]:
+            add(**{"moefy.experts": e, "moefy.top_k": max(k for k in by_name["moefy.top_k"].choices if k <= e)})
+    if "experts.keep" in by_name:
+        add(**{"experts.keep": _snap(by_name["experts.keep"], 0.75)})
+    return out
+
+
+def _snap(d: Dim, x: float) -> float:
+    k = round((x - d.low) / d.step) if d.step else 0
+    return _r(min(d.high, max(d.low, d.low + k * (d.step or 0))))
+
+
 def suggest(trial: Any, spec: SpaceSpec, num_layers: int) -> dict[str, Any]:
     """Suggests every dimension on an Optuna trial; returns name -> value."""
     params: dict[str, Any] = {}

@@ -20,7 +20,7 @@ def _pt(name, eei, acc, se=0.01, ci=5.0, **kw):
                  accuracy=acc, accuracy_se=se, **kw)
 
 
-@pytest.mark.parametrize("method,bits,gs", [("hqq", 4, 32), ("gptq", 4, 32), ("torchao_int8", 8, None)])
+@pytest.mark.parametrize("method,bits,gs", [("hqq", 4, 32), ("rtn", 3, 16), ("torchao_int8", 8, None)])
 def test_the_twin_gives_the_quantized_models_logits_and_undoes_itself(method, bits, gs):
     torch.manual_seed(0)
     m = tiny_llama()

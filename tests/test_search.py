@@ -50,7 +50,7 @@ def no_plots(request, monkeypatch):
 
 
 def make_spec(tmp_path, **kw):
-    base = dict(target="C", n_trials=10, runs_dir=str(tmp_path), space=SMALL, seed=1)
+    base = dict(target="C", n_trials=10, runs_dir=str(tmp_path), space=SMALL, seed=1, warm_start=False)
     return SearchSpec(**{**base, **kw})
 
 
@@ -274,3 +274,27 @@ def test_constraints_can_be_kept_from_the_sampler(tmp_path):
     trials = load(spec).get_trials(states=(TrialState.COMPLETE,))
     assert trials and all(t.constraints == {} for t in trials)
     assert all(pareto.TrialRecord.model_validate(t.user_attrs["record"]).constraint for t in trials)
+
+
+def test_warm_start_tries_each_single_move_right_after_the_baseline(tmp_path):
+    from greenopt.space import build, single_moves
+
+    spec = make_spec(tmp_path, n_trials=9, warm_start=True)
+    singles = [build(p, spec.space, 12) for p in single_moves(spec.space, 12)]
+    assert len(singles) >= 5 and all(len(v.steps) == 1 for v in singles)
+    search(spec, runner=FakeRunner())
+    study = load(spec)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert trials[0].user_attrs["baseline"]
+    ran = [pareto.TrialRecord.model_validate(t.user_attrs["record"]).variant_hash for t in trials[1:1 + len(singles)]]
+    assert ran == [v.hash for v in singles]
+    assert all(t.user_attrs.get("warm_start") for t in trials[1:1 + len(singles)])
+
+
+def test_warm_start_is_enqueued_once_and_cut_to_the_budget(tmp_path):
+    spec = make_spec(tmp_path, n_trials=3, warm_start=True)
+    search(spec, runner=FakeRunner())
+    assert len(load(spec).trials) == 3  # baseline + 2 singles; the rest were never queued
+    search(spec.model_copy(update={"n_trials": 5}), runner=FakeRunner(), resume=True, force=True)
+    study = load(spec)
+    assert len(study.trials) == 5 and not any(t.state == TrialState.WAITING for t in study.trials)

@@ -141,3 +141,27 @@ def test_moefied_ffn_is_left_unquantized_so_overrides_always_match():
     quant = [s for s in variant.steps if s.kind == "quantize"]
     assert quant[0].bits == 16 and [o.target.include for o in quant[0].overrides] == [("*self_attn*",)]
     apply(tiny_llama(), variant, tokenizer=tiny_tokenizer())  # no MoveError: every override matches
+
+
+def test_single_moves_are_one_move_each_on_the_grid_and_mildest_first():
+    from greenopt.space import single_moves
+
+    spec = SpaceSpec(bits=(8, 4), methods=("hqq", "rtn"), prune=("unstructured", "2:4"), sparsity=(0.1, 0.5),
+                     depth_drop_max=0.25, ffn_keep_min=0.5, moefy_experts=(8,), moefy_top_k=(1, 2))
+    variants = [build(p, spec, 30) for p in single_moves(spec, 30)]
+    kinds = [v.steps[0].kind for v in variants]
+    assert all(len(v.steps) == 1 for v in variants) and len({v.hash for v in variants}) == len(variants)
+    assert kinds == ["quantize"] * 4 + ["prune"] * 2 + ["depth"] * 2 + ["width", "moefy"]
+    q = [(s.bits, s.method) for v in variants[:4] for s in v.steps]
+    assert q == [(8, "hqq"), (8, "rtn"), (4, "hqq"), (4, "rtn")]
+    assert variants[4].steps[0].sparsity == 0.3 and variants[5].steps[0].pattern == "2:4"
+    assert [v.steps[0].drop for v in variants[6:8]] == [4, 7]  # an eighth, a quarter (capped at the space's 7)
+    assert variants[8].steps[0].ffn_keep == 0.75
+    assert (variants[9].steps[0].experts, variants[9].steps[0].top_k) == (8, 2)
+
+
+def test_a_space_with_nothing_to_move_has_no_single_moves():
+    from greenopt.space import single_moves
+
+    spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1)
+    assert single_moves(spec, 30) == []
