@@ -89,15 +89,22 @@ def main(argv=None) -> int:
     protocol, scheme = protocol_preset(args.protocol), load_scheme("relative-eu")
     meter = select_meter(args.meter, device="cpu")
     os.makedirs(args.out, exist_ok=True)
-    store = _Store(os.path.join(args.out, "points.json"), _settings(args, protocol.id, tasks), args.resume)
+    store = _Store(os.path.join(args.out, "points.json"), _settings(args, protocol.id, tasks),
+                   args.resume or args.repeat_energy)
+    if args.repeat_energy and not store.points():
+        sys.exit(f"--repeat-energy: no finished run with these settings in {args.out}; run without it first")
     t_run = time.monotonic()
     base, tok, info = load_model(args.model)
+    log = lambda msg: print(f"[{(time.monotonic() - t_run) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.repeat_energy:
+        _repeat(store, base, tok, protocol, meter, scheme, log)
+        _report(args, store, scheme, info, protocol, meter, tasks, _front(args), time.monotonic() - t_run)
+        return 0
     layers = base.model.layers
     widths = sorted({m.in_features for m in base.modules() if isinstance(m, torch.nn.Linear)})
     todo = baselines(len(layers), widths)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
-    log = lambda msg: print(f"[{(time.monotonic() - t_run) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     live: dict[str, torch.nn.Module] = {}
 
     # 1. energy of the uncompressed model (against its own copy) and of each baseline
@@ -175,6 +182,34 @@ def _energy(store, key, kind, variant, base, live, tok, protocol, meter, scheme,
         f"({time.monotonic() - t0:.0f} s)")
 
 
+def _repeat(store, base, tok, protocol, meter, scheme, log) -> None:
+    """Re-measures every point's energy in this (new) process: the re-run check of the docs."""
+    from greenopt.compress import apply
+
+    for key in store.keys():
+        p = store.get(key)
+        if p.error:
+            continue
+        t0 = time.monotonic()
+        variant = Variant.model_validate(store.variant(key))
+        cand = copy.deepcopy(base)
+        if variant.steps:
+            apply(cand, variant, tokenizer=tok)
+        cmp = compare(base, cand, tok, protocol, meter)
+        g = grade_comparison(cmp, scheme)
+        store.put_repeat(key, {"eei": cmp.eei, "eei_ci": list(cmp.eei_ci), "display": g.display,
+                               "worst_letter": g.worst_letter, "tier": cmp.tier})
+        log(f"{key}: re-run EEI {cmp.eei:.1f} [{cmp.eei_ci[0]:.1f}-{cmp.eei_ci[1]:.1f}] {g.display} "
+            f"(first run {p.eei:.1f}; {time.monotonic() - t0:.0f} s)")
+        del cand
+        gc.collect()
+
+
+def _front(args) -> list[tuple[float, float]]:
+    path = os.path.join(args.out, "front.json")
+    return [tuple(x) for x in json.load(open(path))] if os.path.exists(path) else []
+
+
 def _reached(store, scheme) -> list[str]:
     """Letters reached (worse end of the interval) by some baseline, better than uncompressed's."""
     order = [c.letter for c in scheme.classes]
@@ -208,6 +243,7 @@ def _search(args, reached, base, tok, meter, scheme, tasks, log):
             update={"name": f"greenopt -> {letter} (trial {r.number})"})
         log(f"search pick for {letter}: {'none' if r is None else pareto.describe(r.variant)}")
     front = [(r.eei, r.mean_accuracy) for r in result.front]
+    _write(os.path.join(args.out, "front.json"), json.dumps(front) + "\n")
     return picks, front
 
 
@@ -222,7 +258,7 @@ def _accuracy(store, key, model, tok, spec, check_ids, log) -> None:
         with DequantizedTwin(model, check_ids) as twin:
             a = twin.agreement
             scored_on = (f"dequantized twin ({twin.swapped} layers; top-1 agree {a['top1_agree']:.4f}, "
-                         f"max |dlogit| {a['max_abs_diff']:.2g} of std {a['logit_std']:.2g})")
+                         f"max abs logit diff {a['max_abs_diff']:.2g}, logit std {a['logit_std']:.2g})")
             if a["top1_agree"] >= TWIN_MIN_AGREE:
                 res = evaluate(model, tok, spec)
             else:
@@ -243,27 +279,38 @@ def _accuracy(store, key, model, tok, spec, check_ids, log) -> None:
 
 def _report(args, store, scheme, info, protocol, meter, tasks, front, wall_s) -> None:
     pts = store.points()
+    reps = [store.repeat(k) for k in store.keys()]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"Model {info.model_id}; {platform.processor() or platform.machine()}, {args.threads} threads; "
             f"protocol {protocol.id}; meter {meter.name} (tier {meter.tier}); torch {torch.__version__}; "
             f"greenopt {__version__}; tasks {', '.join(tasks)} at {args.items} seeded items each "
-            f"(seed {args.seed}); search budget {args.budget} trials; {when}; run took {wall_s / 60:.1f} min.")
-    rows = ["| point | steps | EEI [95%] | class | J/token [95%] (tier) | tokens/s (x base) | weight MB | "
-            "mean acc ± SE | " + " | ".join(tasks) + " | scored on |",
-            "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
-    for p in pts:
+            f"(seed {args.seed}); search budget {args.budget} trials; {when}; "
+            f"{'the re-run' if args.repeat_energy else 'the run'} took {wall_s / 60:.1f} min.")
+    rows = ["| point | steps | EEI [95%] | class | re-run EEI [95%] (class) | J/token [95%] (tier) | "
+            "tokens/s (x base) | weight MB | mean acc ± SE | " + " | ".join(tasks) + " | scored on |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+    agree, n_rep = 0, 0
+    for p, rep in zip(pts, reps):
         if p.error:
-            rows.append(f"| {p.name} | {p.steps} | failed: {p.error} |" + " |" * (7 + len(tasks)))
+            rows.append(f"| {p.name} | {p.steps} | failed: {p.error} |" + " |" * (8 + len(tasks)))
             continue
+        again = "-"
+        if rep:
+            again = f"{rep['eei']:.1f} [{rep['eei_ci'][0]:.1f}-{rep['eei_ci'][1]:.1f}] ({rep['display']})"
+            n_rep += 1
+            agree += p.eei_ci[0] <= rep["eei"] <= p.eei_ci[1]
         per = {s.task: s for s in p.scores}
         accs = " | ".join(f"{per[t].value:.3f}" if t in per else "-" for t in tasks)
         jpt = (f"{p.joules_per_token:.3g} [{p.joules_per_token_ci[0]:.3g}-{p.joules_per_token_ci[1]:.3g}] ({p.tier})"
                if p.joules_per_token else "-")
         acc = f"{p.accuracy:.4f} ± {p.accuracy_se:.4f}" if p.accuracy is not None else "-"
         rows.append(f"| {p.name} | {p.steps or '-'} | {p.eei:.1f} [{p.eei_ci[0]:.1f}-{p.eei_ci[1]:.1f}] | "
-                    f"{p.display} | {jpt} | {p.tokens_per_s:.1f} (x{p.tokens_per_s_ratio:.2f}) | "
-                    f"{(p.weight_bytes or 0) / 1e6:.1f} | {acc} | {accs} | {p.scored_on} |")
+                    f"{p.display} | {again} | {jpt} | {p.tokens_per_s:.1f} (x{p.tokens_per_s_ratio:.2f}) | "
+                    f"{(p.weight_bytes or 0) / 1e6:.1f} | {acc} | {accs} | {p.scored_on.replace('|', '/')} |")
     lines = [head, "", *rows, ""]
+    if n_rep:
+        lines += [f"Re-run (a new process, every point re-applied and re-measured against the same baseline): "
+                  f"{agree} of {n_rep} re-run EEIs fall inside the first run's 95% interval.", ""]
     base_pts = [p for p in pts if p.kind in ("baseline", "uncompressed")]
     for p in pts:
         if p.kind != "greenopt":
@@ -314,7 +361,7 @@ class _Store:
         entry["point"] = point.model_dump(mode="json")
         if variant is not None:
             entry["variant"] = variant.model_dump(mode="json")
-        entry["measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        entry["measured"] = _now()
         _write(self.path, json.dumps({"settings": self.settings, "points": self._pts}, indent=1) + "\n")
 
     def get(self, key: str) -> Point | None:
@@ -325,11 +372,25 @@ class _Store:
         p = self.get(key)
         return p is not None and not p.error and (p.accuracy is not None if stage == "accuracy" else True)
 
+    def put_repeat(self, key: str, figures: dict) -> None:
+        self._pts[key]["repeat"] = {**figures, "measured": _now()}
+        _write(self.path, json.dumps({"settings": self.settings, "points": self._pts}, indent=1) + "\n")
+
+    def repeat(self, key: str) -> dict | None:
+        return self._pts[key].get("repeat")
+
+    def keys(self) -> list[str]:
+        return list(self._pts)
+
     def variant(self, key: str) -> dict:
         return self._pts[key]["variant"]
 
     def points(self) -> list[Point]:
         return [Point.model_validate(e["point"]) for e in self._pts.values()]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _settings(args, protocol_id: str, tasks) -> dict:
@@ -354,6 +415,8 @@ def _args(argv):
     ap.add_argument("--meter", default="auto")
     ap.add_argument("--out", default="docs/bench")
     ap.add_argument("--resume", action="store_true", help="reuse finished points of a run with the same settings")
+    ap.add_argument("--repeat-energy", action="store_true",
+                    help="re-measure the energy of every point of a finished run in this new process (re-run check)")
     return ap.parse_args(argv)
 
 
