@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     base, tok, info = load_model(args.model)
     log = lambda msg: print(f"[{(time.monotonic() - t_run) / 60:5.1f} min] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.repeat_energy:
-        _repeat(store, base, tok, protocol, meter, scheme, log)
+        _repeat(store, base, tok, protocol, meter, scheme, log, args.repeat_only)
         _report(args, store, scheme, info, protocol, meter, tasks, _front(args), time.monotonic() - t_run)
         return 0
     layers = base.model.layers
@@ -182,11 +182,13 @@ def _energy(store, key, kind, variant, base, live, tok, protocol, meter, scheme,
         f"({time.monotonic() - t0:.0f} s)")
 
 
-def _repeat(store, base, tok, protocol, meter, scheme, log) -> None:
+def _repeat(store, base, tok, protocol, meter, scheme, log, only: str | None = None) -> None:
     """Re-measures every point's energy in this (new) process: the re-run check of the docs."""
     from greenopt.compress import apply
 
     for key in store.keys():
+        if only and key not in only.split(","):
+            continue
         p = store.get(key)
         if p.error:
             continue
@@ -417,6 +419,7 @@ def _args(argv):
     ap.add_argument("--resume", action="store_true", help="reuse finished points of a run with the same settings")
     ap.add_argument("--repeat-energy", action="store_true",
                     help="re-measure the energy of every point of a finished run in this new process (re-run check)")
+    ap.add_argument("--repeat-only", help="with --repeat-energy: comma list of point keys (e.g. uncompressed,depth)")
     return ap.parse_args(argv)
 
 
