@@ -329,7 +329,9 @@ def _report(args, store, scheme, info, protocol, meter, tasks, front, wall_s) ->
     text = "\n".join(lines)
     print(text)
     _write(os.path.join(args.out, "table.md"), text + "\n")
-    plot_png(pts, scheme, os.path.join(args.out, "scatter.png"), front=front,
+    # The search front is not drawn: its accuracies come from the search's smaller item subset,
+    # not comparable with the points' (front.json keeps it).
+    plot_png(pts, scheme, os.path.join(args.out, "scatter.png"),
              title=f"{info.model_id}, {protocol.id}, tier {meter.tier}, {args.items} items x {len(tasks)} tasks")
 
 
