@@ -74,8 +74,8 @@ def baselines(num_layers: int, in_features: list[int]) -> dict[str, Variant]:
 
 def search_space() -> SpaceSpec:
     """The CPU search space: the moves that cut work on dense CPU kernels (docs/MOVES.md, docs/BENCHMARKS.md):
-    fewer layers, narrower FFNs, MoE-style FFN sparsity, and per-row int8 weights (torchao),
-    whose smaller weight reads beat fp32 on a memory-bound batch-1 decode. Pruning to sparse
+    fewer layers, narrower FFNs, MoE-style FFN sparsity, and per-row int8 weights (torchao;
+    lossless, EEI 88-107 over eight comparisons: maybe a small saving). Pruning to sparse
     weights saves nothing on dense kernels and 4-bit paths cost 1.6-3.6x here: left out."""
     return SpaceSpec(bits=(16, 8), methods=("torchao_int8",), group_size=None, prune=(), depth_drop_max=0.5,
                      ffn_keep_min=0.375, keep_step=0.125, moefy_experts=(8,), moefy_top_k=(2, 4))
