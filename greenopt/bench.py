@@ -230,9 +230,12 @@ def plot_png(points: Sequence[Point], scheme: Any, path: str, *, front: Sequence
     if front:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    import os
+    import io
+    from pathlib import Path
 
-    os.replace(tmp, path)
+    from greenopt.rundir import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes(Path(path), buf.getvalue())

@@ -341,10 +341,11 @@ def _better_or_equal(scheme, letter: str, target: str) -> bool:
 
 
 def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from pathlib import Path
+
+    from greenopt.rundir import write_text
+
+    write_text(Path(path), text)
 
 
 class _Store:
