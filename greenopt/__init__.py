@@ -4,7 +4,7 @@ Every figure greenopt prints is measured, never predicted from a configuration, 
 its tier (M1 counter, M2 sampled power, E1 estimate), device and protocol. See the README.
 """
 
-__version__ = "0.1.0"
+from greenopt._version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
-from greenopt.errors import ConfigError
+from greenopt.env import resolve_device, resolve_dtype
 from greenopt.records import ApplyReport, Comparison, EvalResult
 
 log = logging.getLogger(__name__)
@@ -54,24 +54,13 @@ class AssessSpec(Strict):
 class Assessment:
     """The outcome: the card plus the records it was built from, and the live candidate model."""
 
-    card: object  # greenopt.card.LabelCard
+    card: object  # greenopt.label.card.LabelCard
     comparison: Comparison
     candidate_eval: EvalResult
     baseline_eval: EvalResult
     apply_report: ApplyReport | None
     candidate: torch.nn.Module
     tokenizer: object
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is checked."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device {device}: use cpu, cuda, cuda:N or auto")
-    return device
 
 
 def preflight(spec: AssessSpec):
@@ -107,7 +96,7 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
     Raises:
         GreenoptError: bad input or an unusable meter, before any model work where possible.
     """
-    from greenopt.card import build_card, current_runtime
+    from greenopt.label.card import build_card, current_runtime
     from greenopt.compress import apply
     from greenopt.evaluate import evaluate
     from greenopt.measure.workload import compare
@@ -115,7 +104,7 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
 
     protocol, meter, rel, abs_ = preflight(spec)
     device = resolve_device(spec.device)
-    dtype = spec.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = resolve_dtype(spec.dtype, device)
     model, tok, info = load_model(spec.model, dtype=dtype, device=device,
                                   trust_remote_code=spec.trust_remote_code)
     if spec.baseline is None or spec.baseline == spec.model:

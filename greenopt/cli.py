@@ -14,7 +14,7 @@ import warnings
 
 from pydantic import ValidationError
 
-from greenopt import __version__
+from greenopt._version import __version__
 from greenopt.errors import GreenoptError
 
 EPILOG_MEASURE = """examples:

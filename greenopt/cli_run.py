@@ -44,7 +44,7 @@ def progress_bars(enabled: bool = True) -> Iterator:
 
 def cmd_fetch(args) -> int:
     from greenopt import data
-    from greenopt.evaltasks import prepare_tasks
+    from greenopt.evaluate.tasks import prepare_tasks
     from greenopt.models import default_model_dir
 
     for name, path in data.fetch_all().items():
@@ -89,7 +89,7 @@ def protocol_from_args(args):
 
 def cmd_measure(args) -> int:
     from greenopt.assess import AssessSpec, assess
-    from greenopt.card import write_card
+    from greenopt.label.card import write_card
     from greenopt.config import EvalSpec, Variant, load_variant
 
     if args.threads:
@@ -112,7 +112,7 @@ def cmd_measure(args) -> int:
     paths = write_card(result.card, out_dir)
     if args.json:
         from greenopt.cli import emit_json
-        from greenopt.card import render_json
+        from greenopt.label.card import render_json
 
         import json
 

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from greenopt.env import resolve_dtype
+
 EPILOG_VERIFY = """examples:
   greenopt verify exports/int4 --target B --max-drop 0.01
   greenopt verify exports/int4 --target B --max-drop 0.01 --require-tier M1 --meter nvml
@@ -115,8 +117,7 @@ def cmd_apply(args) -> int:
         raise ConfigError("no output folder: pass --out (or set export.out in the recipe)")
     _refuse_existing(out, args.force)
     device = args.device or (recipe.model.device if recipe and recipe.model.device != "auto" else "cpu")
-    dtype = args.dtype or (recipe.model.dtype if recipe and recipe.model.dtype != "auto" else
-                           ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = resolve_dtype(args.dtype or (recipe.model.dtype if recipe else None), device)
     calib = recipe.calibration if recipe else None
     model, tok, info = load_model(model_spec, dtype=dtype, device=device,
                                   trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
@@ -195,7 +196,7 @@ def cmd_verify(args) -> int:
     with progress_bars(not args.json) as progress:
         result = verify(spec, progress=progress)
     if args.card_out and result.card is not None:
-        from greenopt.card import write_card
+        from greenopt.label.card import write_card
 
         write_card(result.card, args.card_out)
     if args.json:
@@ -211,7 +212,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from greenopt.card import load_card, write_card
+    from greenopt.label.card import load_card, write_card
     from greenopt.cli_run import out as stdout
     from greenopt.export import MANIFEST, load_manifest, write_readme
 

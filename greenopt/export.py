@@ -35,15 +35,15 @@ import platform
 import shutil
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-import greenopt
+from greenopt._io import library_versions, write_text
+from greenopt._version import __version__
 from greenopt import export_modules as em
-from greenopt.card import LabelCard, VariantInfo, write_card
+from greenopt.label.card import LabelCard, VariantInfo, write_card
 from greenopt.config import CalibSpec, EvalSpec, Protocol, Strict, Variant, validated
 from greenopt.errors import ConfigError
 from greenopt.records import ApplyReport, Record
@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "greenopt_export.json"
 README = "README.md"
-LIBRARIES = ("torch", "transformers", "safetensors", "bitsandbytes", "hqq", "torchao", "optuna", "lm-eval",
-             "numpy")
 _BEGIN, _END = "<!-- greenopt:label:begin -->", "<!-- greenopt:label:end -->"
 
 
@@ -145,7 +143,7 @@ def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: Label
         manifest = _manifest(model, variant, card, prov, plan, tmp)
         if card is not None:
             write_card(card, tmp)
-        _write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+        write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
         write_readme(tmp, card, manifest)
         if check_reload:
             _check_reload(model, tmp)
@@ -184,18 +182,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
 def _libraries() -> dict[str, str]:
-    out = {"python": platform.python_version(), "greenopt": greenopt.__version__}
-    for dist in LIBRARIES:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    return {"python": platform.python_version(), "greenopt": __version__, **library_versions()}
 
 
 def files_sha256(folder: str | Path) -> str:
@@ -235,7 +223,7 @@ def _manifest(model, variant: Variant, card: LabelCard | None, prov: ExportProve
     seeds = {"calibration": prov.calib.seed, **({"protocol": prov.protocol.seed} if prov.protocol else {}),
              **({"eval": prov.eval.seed} if prov.eval else {}), **prov.seeds}
     return ExportManifest(
-        greenopt_version=greenopt.__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        greenopt_version=__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         base_model=prov.base_model, base_model_id=prov.base_model_id or (card.model_id if card else prov.base_model),
         variant=variant, variant_name=name, variant_info=info, loader=plan.loader, loader_reason=plan.reason,
         dtype=dtype, protocol=prov.protocol, card_protocol_id=card.protocol_id if card else None,
@@ -255,7 +243,7 @@ def _scheme_ref(folder: Path, card: LabelCard | None, which: str, fallback: str 
     if scheme is None:
         return fallback if card is None else None
     fname = f"scheme-{which}.yaml"
-    _write_text(folder / fname, yaml.safe_dump(scheme.model_dump(mode="json"), sort_keys=False))
+    write_text(folder / fname, yaml.safe_dump(scheme.model_dump(mode="json"), sort_keys=False))
     return fname
 
 
@@ -333,7 +321,7 @@ def write_readme(folder: str | Path, card: LabelCard | None, manifest: ExportMan
         base = manifest.base_model_id if manifest else (card.model_id if card else "unknown")
         text = (f"---\nlibrary_name: transformers\nbase_model: {base}\ntags:\n- greenopt\n- energy-label\n---\n\n"
                 f"{section}\n")
-    _write_text(path, text)
+    write_text(path, text)
     return path
 
 
@@ -404,7 +392,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
     """
     import json
 
-    from greenopt.card import build_card, current_runtime
+    from greenopt.label.card import build_card, current_runtime
     from greenopt.compress import apply
     from greenopt.config import SearchSpec, load_yaml, protocol_preset
     from greenopt.models import load_model

@@ -18,20 +18,18 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from greenopt.label import LabelScheme
+from greenopt.label import EU_PALETTE, LabelScheme
 
 if TYPE_CHECKING:
     from greenopt.rundir import RunDir
     from greenopt.search import SearchResult
 
-# Green (best) to red (worst), EU label colours.
-_BAND_COLOURS = ["#00a651", "#50b848", "#bfd730", "#fff200", "#fdb913", "#f37021", "#ed1c24"]
 
 
 def band_colour(i: int, n: int) -> str:
     """Colour of class ``i`` of ``n`` (best first), spread over the EU label palette."""
-    k = round(i * (len(_BAND_COLOURS) - 1) / max(1, n - 1))
-    return _BAND_COLOURS[k]
+    k = round(i * (len(EU_PALETTE) - 1) / max(1, n - 1))
+    return EU_PALETTE[k]
 
 
 def bands(scheme: LabelScheme, x_max: float, x_min: float = 0.0) -> list[tuple[str, float, float, str]]:

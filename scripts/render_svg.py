@@ -46,7 +46,7 @@ def render_png(svg: Path, png: Path, scale: float = 2.0) -> Path:
 
 def example_card(kind: str):
     """A label card from fixed illustrative figures (not a measurement)."""
-    from greenopt.card import RuntimeInfo, build_card
+    from greenopt.label.card import RuntimeInfo, build_card
     from greenopt.records import (ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult,
                                   StepReport, TaskScore, TrialFigures)
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     src = Path(a.src)
     if a.example:
-        from greenopt.card import render_svg
+        from greenopt.label.card import render_svg
 
         src = src.with_suffix(".svg")
         src.write_text(render_svg(example_card(a.example)))

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import greenopt
-from greenopt.card import (CARD_FILES, LabelCard, RuntimeInfo, build_card, load_card, render_json,
+from greenopt.label.card import (CARD_FILES, LabelCard, RuntimeInfo, build_card, load_card, render_json,
                            render_markdown, render_svg, write_card)
 from greenopt.config import protocol_preset
 from greenopt.errors import ConfigError
@@ -186,7 +186,7 @@ def test_write_card_is_atomic(tmp_path, monkeypatch):
 
 
 def test_current_runtime_reads_installed_versions():
-    from greenopt.card import current_runtime
+    from greenopt.label.card import current_runtime
 
     import torch
 

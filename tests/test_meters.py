@@ -302,7 +302,7 @@ def test_select_auto_cuda(use_nvml, monkeypatch):
     meter = select_mod.select_meter(device="cuda:0")
     assert meter.name == "estimate"
     assert any("GPU energy not included" in n for n in meter.device().notes)
-    with pytest.raises(MeterError, match="unknown device"):
+    with pytest.raises(ConfigError, match="use cpu, cuda, cuda:N or auto"):
         select_mod.select_meter(device="tpu")
 
 

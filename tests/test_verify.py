@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from greenopt.card import build_card
+from greenopt.label.card import build_card
 from greenopt.config import DepthStep, Variant, protocol_preset
 from greenopt.records import Comparison, DeviceInfo, EnergyMeasurement, EvalResult, TaskScore, TrialFigures
 from greenopt.verify import GateResult, VerifySpec, check_gate, task_drop, verify

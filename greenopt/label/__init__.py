@@ -23,12 +23,12 @@ search should count.
 from __future__ import annotations
 
 import math
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-import greenopt
 from greenopt.config import Strict, load_yaml, validated
 from greenopt.errors import ConfigError
 from greenopt.records import Comparison, EnergyMeasurement, Record, Tier
@@ -36,6 +36,11 @@ from greenopt.records import Comparison, EnergyMeasurement, Record, Tier
 #: IEA world-average grid intensity in gCO2e/kWh; also CodeCarbon's fallback.
 DEFAULT_GRID_G_PER_KWH = 475.0
 _J_PER_KWH = 3.6e6
+
+#: The EU energy label palette (the regulation's CMYK template in sRGB), dark green A -> red G,
+#: and the ink that reads on each colour. The card and the Pareto plot both draw with it.
+EU_PALETTE = ("#00a651", "#4db848", "#b3d335", "#fff200", "#fdb913", "#f37021", "#ed1c24")
+EU_INK = ("#fff", "#fff", "#1a1a1a", "#1a1a1a", "#1a1a1a", "#fff", "#fff")
 
 Metric = Literal["eei", "joules_per_token"]
 
@@ -107,15 +112,15 @@ class LabelScheme(Strict):
 
 
 def schemes_dir() -> Path:
-    """The shipped scheme folder, ``recipes/labels/`` beside the package."""
-    return Path(greenopt.__file__).resolve().parent.parent / "recipes" / "labels"
+    """The shipped scheme folder (package data ``greenopt/label/schemes/``)."""
+    return Path(str(resources.files("greenopt.label").joinpath("schemes")))
 
 
 def load_scheme(name_or_path: str | Path | LabelScheme) -> LabelScheme:
     """Loads a label scheme by shipped name (``relative-eu``) or from a YAML file path.
 
     Args:
-        name_or_path: a bare name found in ``recipes/labels/<name>.yaml``, a file path, or
+        name_or_path: a bare name found in ``greenopt/label/schemes/<name>.yaml``, a file path, or
             an already loaded scheme (returned as is).
 
     Returns:

@@ -17,16 +17,16 @@ Example:
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-import greenopt
+from greenopt._io import version, write_text
+from greenopt._version import __version__
 from greenopt.config import Protocol, load_json, validated
 from greenopt.errors import ConfigError
+from greenopt.label import text
+from greenopt.label.card_svg import render_svg
 from greenopt.label import (DEFAULT_GRID_G_PER_KWH, Grade, LabelScheme, carbon_g_per_1k_tokens,
                             grade_comparison, grade_measurement, load_scheme)
 from greenopt.records import (ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult,
@@ -151,12 +151,6 @@ def current_runtime(protocol: Protocol, attention: str, dtype: str,
     Returns:
         The runtime record for :func:`build_card`.
     """
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
     return RuntimeInfo(torch=version("torch"), transformers=version("transformers"),
                        attention=attention, dtype=dtype, batch_size=protocol.batch_size,
                        prompt_tokens=protocol.prompt_tokens, new_tokens=protocol.new_tokens,
@@ -213,7 +207,7 @@ def build_card(*, model_id: str, variant_name: str, variant_hash: str, compariso
         carbon=CarbonLine(g_per_1k_tokens=carbon_g_per_1k_tokens(cand.joules_per_token, intensity_g_per_kwh),
                           intensity_g_per_kwh=intensity_g_per_kwh, estimated=cand.tier == "E1"),
         date=date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        greenopt_version=greenopt.__version__,
+        greenopt_version=__version__,
     )
 
 
@@ -303,62 +297,10 @@ def write_card(card: LabelCard, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     texts = {"json": render_json(card), "markdown": render_markdown(card), "svg": render_svg(card)}
     paths = {}
-    for kind, text in texts.items():
+    for kind, body in texts.items():
         paths[kind] = out / CARD_FILES[kind]
-        _atomic_write(paths[kind], text)
+        write_text(paths[kind], body)
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a card is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------- text helpers
-
-
-def _n(x: float | None, unit: str = "") -> str:
-    """About three significant digits, no exponent for everyday magnitudes."""
-    if x is None:
-        return "n/a"
-    a = abs(x)
-    s = f"{x:.0f}" if a >= 100 else f"{x:.1f}" if a >= 10 else f"{x:.2f}" if a >= 1 else f"{x:.3g}"
-    return f"{s} {unit}".rstrip()
-
-
-def _ci(ci: tuple[float, float]) -> str:
-    return f"{_n(ci[0])}–{_n(ci[1])}"
-
-
-def _is_fraction(t: TaskLine) -> bool:
-    return t.higher_is_better and 0.0 <= t.value <= 1.0 and 0.0 <= t.baseline <= 1.0
-
-
-def _score(t: TaskLine, v: float) -> str:
-    return f"{v * 100:.1f}%" if _is_fraction(t) else _n(v)
-
-
-def _drop(t: TaskLine) -> str:
-    return f"{t.drop * 100:.1f} pt" if _is_fraction(t) else f"{t.drop:.3g}"
-
-
-def _delta(t: TaskLine) -> str:
-    d = t.value - t.baseline
-    s = f"{d * 100:+.1f} pt" if _is_fraction(t) else f"{d:+.3g}"
-    return s.replace("-", "−")
-
-
-def _scheme_name(g: Grade) -> str:
-    return f"{g.scheme} v{g.scheme_version}"
 
 
 def _md(text: object) -> str:
@@ -375,22 +317,22 @@ def render_markdown(card: LabelCard) -> str:
     if card.estimated:
         out += ["> **ESTIMATE — not a measured label.** The energy figures are a model-based "
                 "estimate (tier E1), not an energy counter reading.", ""]
-    out += [f"**Relative class: {rel.display}** — EEI {_n(rel.value)} (95% CI {_ci(rel.interval)}) "
-            f"vs the uncompressed baseline; scheme {_scheme_name(rel)}.", ""]
-    abs_txt = f"**Absolute: {_n(c.joules_per_token)} J/token** (95% CI {_ci(c.joules_per_token_ci)}, tier {c.tier})"
+    out += [f"**Relative class: {rel.display}** — EEI {text.num(rel.value)} (95% CI {text.interval(rel.interval)}) "
+            f"vs the uncompressed baseline; scheme {text.scheme_name(rel)}.", ""]
+    abs_txt = f"**Absolute: {text.num(c.joules_per_token)} J/token** (95% CI {text.interval(c.joules_per_token_ci)}, tier {c.tier})"
     if card.absolute is not None:
-        abs_txt += f" — class {card.absolute.display}, scheme {_scheme_name(card.absolute)}"
+        abs_txt += f" — class {card.absolute.display}, scheme {text.scheme_name(card.absolute)}"
     if card.absolute_note:
         abs_txt += f" — {_md(card.absolute_note)}"
     out += [abs_txt + ".", "", f"## Energy (protocol {_md(card.protocol_id)})", "",
             "| figure | variant | baseline |", "|---|---|---|"]
     rows = [
-        ("J/token (95% CI)", lambda m: f"{_n(m.joules_per_token)} ({_ci(m.joules_per_token_ci)})"),
-        ("decode J/token", lambda m: _n(m.decode_joules_per_token)),
-        ("prefill J per prompt token", lambda m: _n(m.prefill_joules_per_prompt_token)),
-        ("tokens/s", lambda m: _n(m.tokens_per_s)),
-        ("mean power W", lambda m: _n(m.mean_power_w)),
-        ("idle power W (recorded, not subtracted)", lambda m: _n(m.idle_power_w)),
+        ("J/token (95% CI)", lambda m: f"{text.num(m.joules_per_token)} ({text.interval(m.joules_per_token_ci)})"),
+        ("decode J/token", lambda m: text.num(m.decode_joules_per_token)),
+        ("prefill J per prompt token", lambda m: text.num(m.prefill_joules_per_prompt_token)),
+        ("tokens/s", lambda m: text.num(m.tokens_per_s)),
+        ("mean power W", lambda m: text.num(m.mean_power_w)),
+        ("idle power W (recorded, not subtracted)", lambda m: text.num(m.idle_power_w)),
         ("tier", lambda m: m.tier if m.tier == m.source_tier else f"{m.tier} (downgraded from {m.source_tier})"),
         ("trials", lambda m: str(m.trials)),
         ("CV", lambda m: f"{m.cv * 100:.1f}%"),
@@ -402,7 +344,7 @@ def render_markdown(card: LabelCard) -> str:
             f"- Boundary: {_md(d.boundary)}; meter: {_md(d.meter)}",
             f"- Device: {_md(d.name)} ({d.kind})",
             f"- Driver: {_md(d.driver or 'n/a')}",
-            f"- Power limit: {_n(d.power_limit_w, 'W')}"]
+            f"- Power limit: {text.num(d.power_limit_w, 'W')}"]
     out += [f"- Note: {_md(x)}" for x in d.notes]
     libs = "".join(f", {_md(k)} {_md(v)}" for k, v in r.libraries.items())
     out += ["", "## Runtime", "",
@@ -413,12 +355,12 @@ def render_markdown(card: LabelCard) -> str:
             f"Items per task: {card.eval_limit or 'full set'}; seed {card.eval_seed}. "
             "Drop = baseline minus variant (positive: the variant is worse).", "",
             "| task | metric | variant | baseline | drop | n |", "|---|---|---|---|---|---|"]
-    out += [f"| {_md(t.task)} | {_md(t.metric)} | {_score(t, t.value)} | {_score(t, t.baseline)} "
-            f"| {_drop(t)} | {t.n} |" for t in card.accuracy]
+    out += [f"| {_md(t.task)} | {_md(t.metric)} | {text.score(t, t.value)} | {text.score(t, t.baseline)} "
+            f"| {text.drop(t)} | {t.n} |" for t in card.accuracy]
     est = " (from an estimated J/token)" if card.carbon.estimated else ""
     out += ["", "## Carbon", "",
             f"{card.carbon.g_per_1k_tokens:.3g} gCO2e per 1000 generated tokens at "
-            f"{_n(card.carbon.intensity_g_per_kwh)} g/kWh grid intensity{est}; printed beside the "
+            f"{text.num(card.carbon.intensity_g_per_kwh)} g/kWh grid intensity{est}; printed beside the "
             "class, never part of it.", "", "## Variant", "",
             f"- Name: {_md(card.variant.name)}; hash: `{_md(card.variant.hash)}`"]
     out += [f"- Step: {_md(s)}" for s in card.variant.steps] or ["- Steps: none recorded"]
@@ -426,14 +368,9 @@ def render_markdown(card: LabelCard) -> str:
     if v.params_before is not None:
         out.append(f"- Parameters: {v.params_before:,} -> {v.params_after:,}; weight bytes: "
                    f"{v.weight_bytes_before:,} -> {v.weight_bytes_after:,}")
-    schemes = _scheme_name(rel) + (f", {_scheme_name(card.absolute)}" if card.absolute else "")
+    schemes = text.scheme_name(rel) + (f", {text.scheme_name(card.absolute)}" if card.absolute else "")
     out += ["", "---", "", f"Protocol {_md(card.protocol_id)} · schemes {schemes} · card v{card.card_version} · "
             f"{_md(card.date)} · greenopt {_md(card.greenopt_version)}", ""]
     return "\n".join(out)
 
 
-def render_svg(card: LabelCard) -> str:
-    """The card as a self-contained SVG appliance-style energy label (see greenopt.card_svg)."""
-    from greenopt.card_svg import render_svg as _render
-
-    return _render(card)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import html
 
-from greenopt.card import LabelCard, _ci, _delta, _n, _scheme_name, _score
-from greenopt.label import Grade, LabelScheme
+from typing import TYPE_CHECKING
 
-# EU energy label palette (CMYK of the regulation's template, in sRGB): dark green A -> red G.
-_PALETTE = ("#00a651", "#4db848", "#b3d335", "#fff200", "#fdb913", "#f37021", "#ed1c24")
-_INK = ("#fff", "#fff", "#1a1a1a", "#1a1a1a", "#1a1a1a", "#fff", "#fff")
+from greenopt.label import EU_INK as _INK
+from greenopt.label import EU_PALETTE as _PALETTE
+from greenopt.label import Grade, LabelScheme, text
+
+if TYPE_CHECKING:
+    from greenopt.label.card import LabelCard
 _TIER_SHORT = {"M1": "energy counter", "M2": "sampled power", "E1": "estimate"}
 _FONT = "Helvetica, Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
 _W, _H = 300, 550
@@ -73,27 +75,27 @@ def _marker(g: Grade, scheme: LabelScheme, rows: list[float], estimated: bool) -
 def _info_rows(card: LabelCard) -> list[tuple[str, str]]:
     c, b, d, r, rel = card.candidate, card.baseline, card.device, card.runtime, card.relative
     if card.absolute is not None:
-        absolute = f"class {card.absolute.display} · {_scheme_name(card.absolute)}"
+        absolute = f"class {card.absolute.display} · {text.scheme_name(card.absolute)}"
     else:
         absolute = f"not graded: {card.absolute_note}"
     rows = [("Absolute", absolute),
-            ("EEI", f"{_n(rel.value)} (95% CI {_ci(rel.interval)}) vs baseline {_n(b.joules_per_token)} J/tok"),
-            ("Speed", f"{_n(c.tokens_per_s)} tok/s · {_n(c.mean_power_w)} W mean · "
-                      + (f"{_n(c.idle_power_w)} W idle" if c.idle_power_w is not None else "idle n/a"))]
-    acc = [f"{t.task} {_score(t, t.value)} (base {_score(t, t.baseline)}, {_delta(t)})" for t in card.accuracy]
+            ("EEI", f"{text.num(rel.value)} (95% CI {text.interval(rel.interval)}) vs baseline {text.num(b.joules_per_token)} J/tok"),
+            ("Speed", f"{text.num(c.tokens_per_s)} tok/s · {text.num(c.mean_power_w)} W mean · "
+                      + (f"{text.num(c.idle_power_w)} W idle" if c.idle_power_w is not None else "idle n/a"))]
+    acc = [f"{t.task} {text.score(t, t.value)} (base {text.score(t, t.baseline)}, {text.delta(t)})" for t in card.accuracy]
     if len(acc) > 2:
         acc[1:] = [f"+{len(acc) - 1} more tasks: " + ", ".join(t.task for t in card.accuracy[1:])]
     rows += [("" if i else "Accuracy", line) for i, line in enumerate(acc or ["not evaluated"])]
     est = " (est.)" if card.carbon.estimated else ""
     rows += [("Carbon", f"{card.carbon.g_per_1k_tokens:.3g} g CO₂e / 1000 tok{est} @ "
-                        f"{_n(card.carbon.intensity_g_per_kwh)} g/kWh"),
-             ("Device", f"{d.name}" + (f" · {_n(d.power_limit_w)} W limit" if d.power_limit_w else "")),
+                        f"{text.num(card.carbon.intensity_g_per_kwh)} g/kWh"),
+             ("Device", f"{d.name}" + (f" · {text.num(d.power_limit_w)} W limit" if d.power_limit_w else "")),
              ("Boundary", d.boundary + (f" · driver {d.driver}" if d.driver else "")),
              ("Trials", f"{c.trials} + {b.trials} baseline · CV {c.cv * 100:.1f}% / {b.cv * 100:.1f}%"),
              ("Validity", "all checks passed" if not card.flags else "failed: " + ", ".join(card.flags)),
              ("Runtime", f"torch {r.torch} · transformers {r.transformers}"),
              ("", f"{r.attention} attention · {r.dtype} · batch {r.batch_size}"),
-             ("Protocol", f"{card.protocol_id} · {r.prompt_tokens}+{r.new_tokens} tok · {_scheme_name(rel)}")]
+             ("Protocol", f"{card.protocol_id} · {r.prompt_tokens}+{r.new_tokens} tok · {text.scheme_name(rel)}")]
     return rows
 
 
@@ -117,7 +119,7 @@ def render_svg(card: LabelCard) -> str:
          _t(14, 76, _x("; ".join(v.steps) or "steps: see label.json", 62), 7.5, fill="#666"),
          '<line x1="14" y1="84" x2="286" y2="84" stroke="#1a1a1a" stroke-width="0.8"/>']
     y = 97.0
-    p.append(_t(14, y, _x(f"Relative class: EEI vs uncompressed baseline · {_scheme_name(card.relative)}", 64),
+    p.append(_t(14, y, _x(f"Relative class: EEI vs uncompressed baseline · {text.scheme_name(card.relative)}", 64),
                 7.5, fill="#555"))
     if est:
         p += ['<rect x="14" y="103" width="272" height="19" fill="#fff3cd" stroke="#c4001a" stroke-width="1.2"/>',
@@ -132,15 +134,15 @@ def render_svg(card: LabelCard) -> str:
     y = rows[-1] + 22
     p.append(f'<line x1="14" y1="{y:g}" x2="286" y2="{y:g}" stroke="#1a1a1a" stroke-width="0.8"/>')
     y += 24
-    jpt = f"{'~' if c.tier == 'E1' else ''}{_n(c.joules_per_token)} J/token"
+    jpt = f"{'~' if c.tier == 'E1' else ''}{text.num(c.joules_per_token)} J/token"
     p.append(_t(14, y, _x(jpt), 19, weight="bold"))
     tier_txt = f"tier {c.tier} · {_TIER_SHORT[c.tier]}"
     p.append(_t(286, y - 8, _x(tier_txt, 34), 7.5, weight="bold",
                 fill="#c4001a" if c.tier == "E1" else "#1a1a1a", anchor="end"))
-    p.append(_t(286, y + 1, _x(f"95% CI {_ci(c.joules_per_token_ci)}", 30), 7.5, fill="#333", anchor="end"))
+    p.append(_t(286, y + 1, _x(f"95% CI {text.interval(c.joules_per_token_ci)}", 30), 7.5, fill="#333", anchor="end"))
     y += 13
-    p.append(_t(14, y, _x(f"decode {_n(c.decode_joules_per_token)} J/tok · prefill "
-                         f"{_n(c.prefill_joules_per_prompt_token)} J per prompt token", 62), 7.5, fill="#555"))
+    p.append(_t(14, y, _x(f"decode {text.num(c.decode_joules_per_token)} J/tok · prefill "
+                         f"{text.num(c.prefill_joules_per_prompt_token)} J per prompt token", 62), 7.5, fill="#555"))
     y += 6
     for label, value in _info_rows(card):
         y += 13.5

@@ -1,0 +1,60 @@
+"""Atomic file writes and library versions: the one copy every room uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Distributions whose versions greenopt records in run folders, cards and export manifests.
+LIBRARIES = ("torch", "transformers", "safetensors", "bitsandbytes", "hqq", "torchao", "optuna", "lm-eval",
+             "numpy", "pydantic")
+
+
+def write_bytes(path: str | Path, payload: bytes) -> None:
+    """Writes ``payload`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    The file is world-readable (0644; mkstemp's 0600 would hide shared caches, cards and
+    exports from other users). A failure leaves the old file, or none, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """:func:`write_bytes` of UTF-8 text."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomic JSON write; pydantic models are dumped in JSON mode."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def version(dist: str) -> str:
+    """The installed version of ``dist``, or ``"not installed"``."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def library_versions(dists: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """``{dist: version}`` for ``dists`` (default: :data:`LIBRARIES`)."""
+    return {d: version(d) for d in dists}
