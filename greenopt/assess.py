@@ -20,8 +20,15 @@ from typing import Callable
 import torch
 from pydantic import Field
 
+from greenopt.compress import apply
 from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
+from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.label import load_scheme
+from greenopt.label.card import build_card, current_runtime
+from greenopt.measure.select import select_meter
+from greenopt.measure.workload import compare
+from greenopt.models import load_model
 from greenopt.records import ApplyReport, Comparison, EvalResult
 
 log = logging.getLogger(__name__)
@@ -65,12 +72,9 @@ class Assessment:
 
 def preflight(spec: AssessSpec):
     """Checks everything that can fail cheaply before any model work; returns (protocol, meter, schemes)."""
-    from greenopt.label import load_scheme
-    from greenopt.measure.select import select_meter
 
     protocol = spec.resolved_protocol()
     if spec.eval is not None and spec.eval.tasks:
-        from greenopt.evaluate import validate_tasks
 
         validate_tasks(spec.eval.tasks)
     rel = load_scheme(spec.relative_scheme)
@@ -96,11 +100,6 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
     Raises:
         GreenoptError: bad input or an unusable meter, before any model work where possible.
     """
-    from greenopt.label.card import build_card, current_runtime
-    from greenopt.compress import apply
-    from greenopt.evaluate import evaluate
-    from greenopt.measure.workload import compare
-    from greenopt.models import load_model
 
     protocol, meter, rel, abs_ = preflight(spec)
     device = resolve_device(spec.device)

@@ -23,7 +23,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from greenopt.config import Variant
+from greenopt.plot import bands
 from greenopt.records import Record, TaskScore
+from greenopt.rundir import write_bytes
 
 # Weight-only methods: the layer computes x @ dequant(W).T, so a dense fp32 layer holding
 # dequant(W) gives the same outputs. bnb LLM.int8 quantizes activations too: never twinned.
@@ -203,7 +205,6 @@ def plot_png(points: Sequence[Point], scheme: Any, path: str, *, front: Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from greenopt.plot import bands
 
     scored = [p for p in points if p.accuracy is not None]
     x_max = max([130.0] + [p.eei_ci[1] * 1.05 for p in scored])
@@ -233,7 +234,6 @@ def plot_png(points: Sequence[Point], scheme: Any, path: str, *, front: Sequence
     import io
     from pathlib import Path
 
-    from greenopt.rundir import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -6,7 +6,6 @@ Errors caused by input or environment print one line (``greenopt: error: ...``) 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -14,7 +13,9 @@ import warnings
 
 from pydantic import ValidationError
 
+from greenopt import cli_more, cli_run
 from greenopt._version import __version__
+from greenopt.cli_common import emit_json  # noqa: F401 - kept importable from greenopt.cli
 from greenopt.errors import GreenoptError
 
 EPILOG_MEASURE = """examples:
@@ -30,7 +31,10 @@ def _quiet_libraries(verbose: bool) -> None:
     for noisy in ("torchao", "torch.utils._pytree", "lm-eval", "lm_eval", "transformers",
                   "datasets", "optuna", "accelerate", "bitsandbytes", "hqq"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    # Only the libraries' own chatter; a user's (or greenopt's) warnings still show.
+    for lib in ("torch", "torchao", "transformers", "lm_eval", "datasets", "optuna", "accelerate",
+                "bitsandbytes", "hqq", "huggingface_hub", "optimum"):
+        warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import optuna
@@ -91,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the label card as JSON")
     _add_measure_args(p)
 
-    from greenopt import cli_more
 
     cli_more.add_parsers(sub, _add_measure_args)
     return parser
@@ -105,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries(args.verbose)
-    from greenopt import cli_more, cli_run
 
     handlers = {"fetch": cli_run.cmd_fetch, "env": cli_run.cmd_env, "measure": cli_run.cmd_measure,
                 **cli_more.HANDLERS}
@@ -122,11 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("greenopt: interrupted", file=sys.stderr)
         return 130
-
-
-def emit_json(obj) -> None:
-    """Prints a JSON document to stdout (the ``--json`` output of every command)."""
-    print(json.dumps(obj, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -1,52 +1,23 @@
-"""Handlers for ``fetch``, ``env`` and ``measure``, and the shared progress renderer."""
+"""Handlers for ``fetch``, ``env`` and ``measure``."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
-# Piped output (logs, CI) gets a wide fixed width so tables are not cut to 80 columns.
-out = Console() if Console().is_terminal else Console(width=200)
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool = True) -> Iterator:
-    """Yields a ``progress(stage, done, total)`` callback drawing one bar per stage on stderr."""
-    if not enabled or not console.is_terminal:
-        last: dict[str, int] = {}
-
-        def plain(stage: str, done: int, total: int) -> None:
-            if done == 0 or done == total:
-                if last.get(stage) != done:
-                    console.print(f"[dim]{stage}: {done}/{total}[/dim]")
-                    last[stage] = done
-
-        yield plain
-        return
-    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bars:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=max(total, 1))
-            bars.update(tasks[stage], completed=done, total=max(total, 1))
-
-        yield update
+from greenopt import data
+from greenopt.assess import AssessSpec, assess
+from greenopt.cli_common import console, emit_json, out, progress_bars  # noqa: F401 - progress_bars re-exported
+from greenopt.config import EvalSpec, Variant, load_variant, protocol_preset
+from greenopt.evaluate.tasks import prepare_tasks
+from greenopt.label.card import render_json, write_card
+from greenopt.measure.select import meter_report
+from greenopt.models import default_model_dir
 
 
 def cmd_fetch(args) -> int:
-    from greenopt import data
-    from greenopt.evaluate.tasks import prepare_tasks
-    from greenopt.models import default_model_dir
-
     for name, path in data.fetch_all().items():
         console.print(f"[green]ok[/green] {name}: {path}")
     console.print(f"[green]ok[/green] default model: {default_model_dir()}")
@@ -59,14 +30,12 @@ def cmd_env(args) -> int:
 
     import torch
 
-    from greenopt.measure.select import meter_report
 
     statuses = meter_report()
     facts = {"python": platform.python_version(), "torch": torch.__version__,
              "cuda": torch.cuda.is_available(),
              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.json:
-        from greenopt.cli import emit_json
 
         emit_json({"environment": facts, "meters": [s.model_dump() for s in statuses]})
         return 0
@@ -81,17 +50,11 @@ def cmd_env(args) -> int:
 
 
 def protocol_from_args(args):
-    from greenopt.config import protocol_preset
-
     return protocol_preset(args.protocol, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                            trials=args.trials, batch_size=args.batch_size)
 
 
 def cmd_measure(args) -> int:
-    from greenopt.assess import AssessSpec, assess
-    from greenopt.label.card import write_card
-    from greenopt.config import EvalSpec, Variant, load_variant
-
     if args.threads:
         import torch
 
@@ -111,8 +74,6 @@ def cmd_measure(args) -> int:
     out_dir = Path(args.out or Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}")
     paths = write_card(result.card, out_dir)
     if args.json:
-        from greenopt.cli import emit_json
-        from greenopt.label.card import render_json
 
         import json
 

@@ -12,7 +12,17 @@ import json
 import sys
 from pathlib import Path
 
+from greenopt.cli_common import emit_json, progress_bars
+from greenopt.cli_common import out as stdout
+from greenopt.compress import apply
+from greenopt.config import load_variant
 from greenopt.env import resolve_dtype
+from greenopt.errors import ConfigError
+from greenopt.export import MANIFEST, ExportProvenance, _check_target, export, export_run, load_manifest, write_readme
+from greenopt.label.card import load_card, write_card
+from greenopt.models import load_model
+from greenopt.recipe import Recipe, load_recipe, validate_file
+from greenopt.verify import VerifySpec, verify
 
 EPILOG_VERIFY = """examples:
   greenopt verify exports/int4 --target B --max-drop 0.01
@@ -92,12 +102,6 @@ def _common_export_args(p: argparse.ArgumentParser) -> None:
 def cmd_apply(args) -> int:
     import torch
 
-    from greenopt.compress import apply
-    from greenopt.config import load_variant
-    from greenopt.errors import ConfigError
-    from greenopt.export import ExportProvenance, export
-    from greenopt.models import load_model
-    from greenopt.recipe import Recipe, load_recipe
 
     recipe: Recipe | None = None
     if args.recipe:
@@ -122,7 +126,6 @@ def cmd_apply(args) -> int:
     model, tok, info = load_model(model_spec, dtype=dtype, device=device,
                                   trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
     torch.manual_seed(calib.seed if calib else 0)
-    from greenopt.cli_run import progress_bars
 
     with progress_bars(not args.json) as progress:
         report = apply(model, variant, tokenizer=tok, calib=calib, progress=progress)
@@ -142,15 +145,11 @@ def _recipe_provenance(recipe) -> dict:
 
 def _refuse_existing(out: str, force: bool) -> None:
     # Fail before loading a model: export() checks again when it writes.
-    from greenopt.export import _check_target
 
     _check_target(Path(out), force)
 
 
 def cmd_export(args) -> int:
-    from greenopt.cli_run import progress_bars
-    from greenopt.export import export_run
-
     _refuse_existing(args.out, args.force)
     with progress_bars(not args.json) as progress:
         manifest = export_run(args.run_dir, args.out, pick=args.pick, force=args.force, check_reload=args.check,
@@ -159,10 +158,7 @@ def cmd_export(args) -> int:
 
 
 def _print_manifest(manifest, out: str, as_json: bool) -> int:
-    from greenopt.cli_run import out as stdout
-
     if as_json:
-        from greenopt.cli import emit_json
 
         emit_json({"out": str(out), "manifest": json.loads(manifest.model_dump_json())})
         return 0
@@ -180,10 +176,6 @@ def _print_manifest(manifest, out: str, as_json: bool) -> int:
 
 
 def cmd_verify(args) -> int:
-    from greenopt.cli_run import out as stdout
-    from greenopt.cli_run import progress_bars
-    from greenopt.verify import VerifySpec, verify
-
     if args.threads:
         import torch
 
@@ -196,11 +188,9 @@ def cmd_verify(args) -> int:
     with progress_bars(not args.json) as progress:
         result = verify(spec, progress=progress)
     if args.card_out and result.card is not None:
-        from greenopt.label.card import write_card
 
         write_card(result.card, args.card_out)
     if args.json:
-        from greenopt.cli import emit_json
 
         emit_json(json.loads(result.model_dump_json(exclude={"card"})))
     elif result.passed:
@@ -212,17 +202,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from greenopt.label.card import load_card, write_card
-    from greenopt.cli_run import out as stdout
-    from greenopt.export import MANIFEST, load_manifest, write_readme
-
     folder = Path(args.folder)
     card = load_card(folder)
     paths = write_card(card, folder)
     manifest = load_manifest(folder) if (folder / MANIFEST).is_file() else None
     paths["readme"] = write_readme(folder, card, manifest)
     if args.json:
-        from greenopt.cli import emit_json
 
         emit_json({k: str(v) for k, v in paths.items()})
     else:
@@ -231,15 +216,10 @@ def cmd_label(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    from greenopt.cli_run import out as stdout
-    from greenopt.errors import ConfigError
-    from greenopt.recipe import validate_file
-
     if args.recipe_command != "validate":
         raise ConfigError("recipe needs an action: greenopt recipe validate FILE...")
     reports = [validate_file(f, dry_run=not args.no_dry_run) for f in args.files]
     if args.json:
-        from greenopt.cli import emit_json
 
         emit_json([{"path": r.path, "ok": r.ok, "issues": [i.model_dump() for i in r.issues],
                     "notes": list(r.notes)} for r in reports])

@@ -40,14 +40,30 @@ from typing import Any, Literal
 
 import torch
 
+from greenopt import export_modules as em
 from greenopt._io import library_versions, write_text
 from greenopt._version import __version__
-from greenopt import export_modules as em
-from greenopt.label.card import LabelCard, VariantInfo, write_card
-from greenopt.config import CalibSpec, EvalSpec, Protocol, Strict, Variant, validated
+from greenopt.compress import apply
+from greenopt.config import (
+    CalibSpec,
+    EvalSpec,
+    Protocol,
+    SearchSpec,
+    Strict,
+    Variant,
+    load_json,
+    load_yaml,
+    protocol_preset,
+    validated,
+)
 from greenopt.errors import ConfigError
-from greenopt.records import ApplyReport, Record
+from greenopt.label import load_scheme
+from greenopt.label.card import LabelCard, VariantInfo, build_card, current_runtime, write_card
+from greenopt.models import load_model
+from greenopt.pareto import TrialRecord
 from greenopt.recipe import Gate
+from greenopt.records import ApplyReport, Record
+from greenopt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +283,6 @@ def load_manifest(folder: str | Path) -> ExportManifest:
     Raises:
         ConfigError: not a greenopt export, or an invalid manifest.
     """
-    from greenopt.config import load_json
 
     p = Path(folder) / MANIFEST
     if not p.is_file():
@@ -392,12 +407,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
     """
     import json
 
-    from greenopt.label.card import build_card, current_runtime
-    from greenopt.compress import apply
-    from greenopt.config import SearchSpec, load_yaml, protocol_preset
-    from greenopt.models import load_model
-    from greenopt.pareto import TrialRecord
-    from greenopt.rundir import RunDir
 
     rd = RunDir(Path(run_dir))
     if not rd.spec.is_file():
@@ -440,8 +449,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
 
 
 def _is_relative(scheme: str) -> bool:
-    from greenopt.label import load_scheme
-
     return load_scheme(scheme).metric == "eei"
 
 

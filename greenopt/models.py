@@ -22,6 +22,7 @@ import torch
 
 from greenopt import data
 from greenopt.errors import ModelError
+from greenopt.export_modules import MODULES, load_greenopt
 from greenopt.records import Record
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,9 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",
     model_id = DEFAULT_MODEL_ID if source == "default" else spec
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        if source == "local" and (Path(where) / "greenopt_modules.json").is_file():
+        if source == "local" and (Path(where) / MODULES).is_file():
             # Variants transformers cannot rebuild (packed low-bit, MoEfied) load through greenopt.
-            from greenopt.export import load as load_export
-
-            model = load_export(where, device="cpu", dtype=dtype)
+            model = load_greenopt(Path(where), device="cpu", dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=_DTYPES[dtype],
                                                          trust_remote_code=trust_remote_code)

@@ -19,6 +19,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from greenopt.label import EU_PALETTE, LabelScheme
+from greenopt.rundir import write_bytes, write_text
 
 if TYPE_CHECKING:
     from greenopt.rundir import RunDir
@@ -54,7 +55,6 @@ def _x_range(result: SearchResult, scheme: LabelScheme) -> tuple[float, float, b
 
 def write_plots(result: SearchResult, scheme: LabelScheme, rd: RunDir) -> dict[str, str]:
     """Writes ``pareto.png`` and ``pareto.html`` into the run dir; returns their paths."""
-    from greenopt.rundir import write_bytes, write_text
 
     write_bytes(rd.png, png_bytes(result, scheme))
     write_text(rd.html, html_page(result, scheme))

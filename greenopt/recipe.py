@@ -203,18 +203,6 @@ class Recipe(Strict):
             study_name=s.study_name, heartbeat_interval_s=s.heartbeat_interval_s,
         )
 
-    def assess_spec(self, variant: Variant | None = None):
-        """The AssessSpec that measures this recipe's (or the given) variant against the model."""
-        from greenopt.assess import AssessSpec
-
-        return AssessSpec(
-            model=self.model.id, variant=variant or self.variant or Variant(), protocol=self.resolved_protocol(),
-            eval=self.evaluation.eval_spec(), meter=self.measurement.meter, cpu_watts=self.measurement.cpu_watts,
-            device=self.model.device, dtype=None if self.model.dtype == "auto" else self.model.dtype,
-            relative_scheme=self.labels.relative, absolute_scheme=self.labels.absolute,
-            intensity_g_per_kwh=self.carbon.intensity_g_per_kwh, trust_remote_code=self.model.trust_remote_code,
-        )
-
 
 # ---------------------------------------------------------------------------- load / dump
 

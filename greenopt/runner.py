@@ -28,8 +28,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from greenopt import data
+from greenopt.compress import ApplyContext, apply
 from greenopt.config import SearchSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
+from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.measure.select import select_meter
+from greenopt.measure.workload import compare
+from greenopt.models import load_model
 from greenopt.records import ApplyReport, Comparison, EvalResult, Record
 
 log = logging.getLogger(__name__)
@@ -144,16 +150,12 @@ class TransformersRunner:
     def prepare(self, progress: Progress | None = None) -> None:
         if self._baseline_eval is not None:
             return
-        from greenopt.compress import ApplyContext
-        from greenopt.evaluate import evaluate, validate_tasks
-        from greenopt.measure.select import select_meter
 
         validate_tasks(self.spec.fidelity.eval.tasks)
         device = resolve_device(self._device_arg)
         if self._meter is None:
             self._meter = select_meter(self.spec.meter, cpu_watts=self.spec.cpu_watts, device=device)
         if self._model is None:
-            from greenopt.models import load_model
 
             dtype = resolve_dtype(self.spec.dtype, device)
             self._model, self._tok, self._info = load_model(self.spec.model, dtype=dtype, device=device)
@@ -198,10 +200,6 @@ class TransformersRunner:
     # ------------------------------------------------------------------ one trial
 
     def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
-        from greenopt.compress import apply
-        from greenopt.evaluate import evaluate
-        from greenopt.measure.workload import compare
-
         base = self._need_model()
         fid = self.spec.fidelity
         times: dict[str, float] = {}
@@ -230,7 +228,6 @@ class TransformersRunner:
 
     def _quick_look(self, base: Any, cand: Any, cut: Cuts, progress: Progress | None,
                     times: dict[str, float]) -> tuple[QuickLook, str | None]:
-        from greenopt.measure.workload import compare
 
         fid = self.spec.fidelity
         quick = QuickLook(baseline_perplexity=self._baseline_ppl)
@@ -268,7 +265,6 @@ def _perplexity_windows(tokenizer: Any, n: int, tokens: int) -> Any:
     """``[n, tokens]`` ids: evenly spaced windows over the calibration split (deterministic)."""
     import torch
 
-    from greenopt import data
 
     ids = tokenizer("\n\n".join(data.wiki_split("calibration")), return_tensors="pt",
                     add_special_tokens=False).input_ids[0]

@@ -22,9 +22,12 @@ from typing import Callable
 
 from pydantic import Field
 
-from greenopt.label.card import LabelCard, TaskLine
+from greenopt.assess import AssessSpec, assess
 from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
 from greenopt.errors import ConfigError
+from greenopt.export import load_manifest
+from greenopt.label.card import LabelCard, TaskLine
+from greenopt.recipe import load_recipe
 from greenopt.records import TIER_ORDER, Record, Tier
 
 Progress = Callable[[str, int, int], None]
@@ -240,7 +243,6 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     Raises:
         GreenoptError: the source is unreadable or the inputs are invalid (before measuring).
     """
-    from greenopt.assess import AssessSpec, assess
 
     plan = _plan(spec)
     if plan.protocol.id != plan.expected_protocol:
@@ -263,7 +265,6 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
 
 def _relabel(card: LabelCard, plan: _Plan) -> LabelCard:
     """An export is measured as a plain model; put the recorded model id and variant back on the card."""
-    from greenopt.export import load_manifest
 
     m = load_manifest(plan.model)
     return card.model_copy(update={"model_id": m.base_model_id, "variant": m.variant_info})
@@ -302,8 +303,6 @@ def _gate_target(flag: str | None, recorded: str | None, where: str) -> str:
 
 
 def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
-    from greenopt.export import load_manifest
-
     m = load_manifest(folder)
     recorded = m.card_protocol_id or (m.protocol.id if m.protocol else None)
     protocol = _resolve_protocol(spec.protocol) or m.protocol
@@ -331,8 +330,6 @@ def _in_export(folder: Path, scheme: str | None) -> str | None:
 
 
 def _plan_recipe(spec: VerifySpec, path: Path) -> _Plan:
-    from greenopt.recipe import load_recipe
-
     r = load_recipe(path)
     if r.variant is None:
         raise ConfigError(f"{path}: this recipe runs a search; verify its export folder "

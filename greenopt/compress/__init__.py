@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from greenopt.compress import accounting
+from greenopt.compress.calibration import calibration_batch
 from greenopt.config import CalibSpec, Variant
 from greenopt.records import ApplyReport, StepReport
 
@@ -46,8 +47,6 @@ class ApplyContext:
     cache: dict = field(default_factory=dict)
 
     def calibration(self) -> torch.LongTensor:
-        from greenopt.compress.calibration import calibration_batch
-
         if self.tokenizer is None:
             raise ValueError("this move needs calibration data; pass tokenizer= to apply()")
         return calibration_batch(self.tokenizer, self.calib)

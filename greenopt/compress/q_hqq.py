@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from greenopt.compress.q_packed import PackedLinear
+from greenopt.compress.targeting import set_module
 
 BITS = (8, 4, 3, 2)
 EMBEDDINGS = False
@@ -32,7 +33,6 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
 
 def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:
     """Replaces every planned Linear in place."""
-    from greenopt.compress.targeting import set_module
 
     for it in items:
         codes, scale, zero = quantize_weight(it.module.weight, it.bits, it.group_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from greenopt.compress.q_packed import PackedEmbedding, PackedLinear, minmax_params, quantize_codes
+from greenopt.compress.targeting import set_module
 
 BITS = (8, 4, 3, 2)
 EMBEDDINGS = True
@@ -34,7 +35,6 @@ def quantize_module(module: torch.nn.Module, bits: int, group_size: int) -> torc
 
 def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:
     """Replaces every planned module in place."""
-    from greenopt.compress.targeting import set_module
 
     for it in items:
         set_module(model, it.name, quantize_module(it.module, it.bits, it.group_size))

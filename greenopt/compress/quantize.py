@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from greenopt.compress import snapshot, step_report
+from greenopt.compress.q_bnb import problem
 from greenopt.compress.targeting import decoder_layers, in_target, layer_index
 from greenopt.config import QuantizeStep, Target
 from greenopt.errors import MoveError
@@ -130,7 +131,6 @@ def _resolve(name: str, mod: torch.nn.Module, method: str, bits: int, gs: int | 
         raise MoveError(f"quantize: {name} has {mod.weight.dtype} weights; quantize a floating-point model")
     width = mod.embedding_dim if isinstance(mod, torch.nn.Embedding) else mod.in_features
     if method.startswith("bnb_"):
-        from greenopt.compress.q_bnb import problem
 
         msg = problem(method, mod, bits, gs)
         if msg:

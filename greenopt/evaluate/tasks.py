@@ -20,8 +20,8 @@ import hashlib
 import json
 import logging
 import string
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from greenopt import data

@@ -25,12 +25,18 @@ from greenopt._io import version, write_text
 from greenopt._version import __version__
 from greenopt.config import Protocol, load_json, validated
 from greenopt.errors import ConfigError
-from greenopt.label import text
+from greenopt.label import (
+    DEFAULT_GRID_G_PER_KWH,
+    Grade,
+    LabelScheme,
+    carbon_g_per_1k_tokens,
+    grade_comparison,
+    grade_measurement,
+    load_scheme,
+    text,
+)
 from greenopt.label.card_svg import render_svg
-from greenopt.label import (DEFAULT_GRID_G_PER_KWH, Grade, LabelScheme, carbon_g_per_1k_tokens,
-                            grade_comparison, grade_measurement, load_scheme)
-from greenopt.records import (ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult,
-                              Record, Tier)
+from greenopt.records import ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult, Record, Tier
 
 CARD_FILES = {"json": "label.json", "markdown": "LABEL.md", "svg": "label.svg"}
 TIER_MEANING = {"M1": "hardware energy counter", "M2": "sampled power, integrated",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-
 from typing import TYPE_CHECKING
 
 from greenopt.label import EU_INK as _INK

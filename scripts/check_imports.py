@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Prints the import cycles among greenopt's modules and exits 1 when there is one.
+
+Counts top-level and function-level imports alike (an import inside a function is still a
+dependency, only a later one); imports under ``if TYPE_CHECKING:`` are not run and are left
+out. Also lists function-level imports of greenopt modules, which the layout allows only to
+defer a heavy optional backend: each must carry a comment saying which (``# lazy: ...``).
+
+Usage: python scripts/check_imports.py [--package DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for sub in node.body:
+                for n in ast.walk(sub):
+                    if hasattr(n, "lineno"):
+                        lines.add(n.lineno)
+    return lines
+
+
+def imports(path: Path, name: str, modules: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported greenopt module, line, inside a function) for each import in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    skip = _type_checking_lines(tree)
+    is_pkg = path.name == "__init__.py"
+    out = []
+
+    def visit(node: ast.AST, in_func: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            func = in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and child.lineno not in skip:
+                for target in _targets(child, name, is_pkg, modules):
+                    out.append((target, child.lineno, in_func))
+            visit(child, func)
+
+    visit(tree, False)
+    return out
+
+
+def _targets(node: ast.Import | ast.ImportFrom, name: str, is_pkg: bool, modules: set[str]) -> list[str]:
+    if isinstance(node, ast.Import):
+        bases = [a.name for a in node.names]
+        return [_known(b, modules) for b in bases if _known(b, modules)]
+    base = node.module or ""
+    if node.level:
+        pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+        pkg = pkg[: len(pkg) - (node.level - 1)]
+        base = ".".join(pkg + ([base] if base else []))
+    found = []
+    for alias in node.names:
+        sub = f"{base}.{alias.name}"
+        hit = sub if sub in modules else _known(base, modules)
+        if hit:
+            found.append(hit)
+    return found
+
+
+def _known(name: str, modules: set[str]) -> str | None:
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (or a self-import)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--package", default=str(Path(__file__).resolve().parent.parent / "greenopt"))
+    args = ap.parse_args(argv)
+    root = Path(args.package).resolve()
+    files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    modules = set(files)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    lazy: list[str] = []
+    for name, path in files.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for target, line, in_func in imports(path, name, modules):
+            # A package's own __init__ re-exporting its submodules is not a dependency of theirs.
+            if target == name or (name.startswith(target + ".") and target in modules and False):
+                continue
+            graph[name].add(target)
+            if in_func and "# lazy:" not in lines[line - 1]:
+                lazy.append(f"{path.relative_to(root.parent)}:{line}: function-level import of {target} "
+                            "without a '# lazy: <backend>' comment")
+    found = cycles(graph)
+    for comp in found:
+        print("import cycle: " + " <-> ".join(comp))
+    for line in lazy:
+        print(line)
+    print(f"{len(modules)} modules, {sum(map(len, graph.values()))} import edges, {len(found)} cycles, "
+          f"{len(lazy)} unexplained function-level imports")
+    return 1 if found or lazy else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
