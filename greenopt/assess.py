@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from greenopt.compress import apply
-from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
+from greenopt.config import CalibSpec, EvalSpec, Protocol, Strict, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme
@@ -42,6 +42,7 @@ class AssessSpec(Strict):
     model: str
     baseline: str | None = None
     variant: Variant = Variant()
+    calib: CalibSpec = CalibSpec()  # the calibration sample calibrated moves are fitted on
     protocol: Protocol | str = "cpu"
     eval: EvalSpec | None = EvalSpec()
     meter: str = "auto"
@@ -113,7 +114,7 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
                                     trust_remote_code=spec.trust_remote_code)
     report = None
     if spec.variant.steps:
-        report = apply(model, spec.variant, tokenizer=tok, progress=progress)
+        report = apply(model, spec.variant, tokenizer=tok, calib=spec.calib, progress=progress)
     comparison = compare(baseline, model, tok, protocol, meter, progress=progress)
     if spec.eval is not None and spec.eval.tasks:
         cand_eval = evaluate(model, tok, spec.eval, progress=progress)

@@ -23,7 +23,7 @@ from typing import Callable
 from pydantic import Field
 
 from greenopt.assess import AssessSpec, assess
-from greenopt.config import EvalSpec, Protocol, Strict, Variant, protocol_preset
+from greenopt.config import CalibSpec, EvalSpec, Protocol, Strict, Variant, protocol_preset
 from greenopt.errors import ConfigError
 from greenopt.export import load_manifest
 from greenopt.label.card import LabelCard, TaskLine
@@ -223,6 +223,7 @@ class _Plan(Record):
     device: str = "auto"
     meter: str = "auto"
     cpu_watts: float | None = None
+    calib: CalibSpec = CalibSpec()
 
 
 def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
@@ -253,7 +254,7 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     if plan.max_drop is not None and plan.eval is None:
         raise ConfigError("an accuracy budget (--max-drop) needs tasks; pass --tasks or record them in the recipe")
     result = assess(AssessSpec(
-        model=plan.model, baseline=plan.baseline, variant=plan.variant, protocol=plan.protocol,
+        model=plan.model, baseline=plan.baseline, variant=plan.variant, calib=plan.calib, protocol=plan.protocol,
         eval=plan.eval, meter=plan.meter, cpu_watts=plan.cpu_watts, device=plan.device,
         dtype=plan.dtype, relative_scheme=plan.relative_scheme, absolute_scheme=plan.absolute_scheme,
         intensity_g_per_kwh=plan.intensity_g_per_kwh, trust_remote_code=plan.trust_remote_code,
@@ -349,5 +350,5 @@ def _plan_recipe(spec: VerifySpec, path: Path) -> _Plan:
         dtype=spec.dtype or (None if r.model.dtype == "auto" else r.model.dtype),
         device=spec.device if spec.device != "auto" else r.model.device,
         meter=spec.meter if spec.meter != "auto" else r.measurement.meter,
-        cpu_watts=spec.cpu_watts or r.measurement.cpu_watts,
+        cpu_watts=spec.cpu_watts or r.measurement.cpu_watts, calib=r.calibration,
     )

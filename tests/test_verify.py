@@ -198,9 +198,9 @@ def test_verify_export_with_a_card_uses_its_recorded_schemes_and_tasks(base_and_
 
 
 def test_verify_refuses_another_protocol_before_measuring(base_and_export, monkeypatch):
-    import greenopt.assess
+    import greenopt.verify
 
-    monkeypatch.setattr(greenopt.assess, "assess", lambda *a, **k: pytest.fail("must not measure"))
+    monkeypatch.setattr(greenopt.verify, "assess", lambda *a, **k: pytest.fail("must not measure"))
     r = verify(VerifySpec(source=str(base_and_export / "export"), target="G", protocol="cpu", tasks=()))
     assert not r.passed and r.reason.startswith("protocol changed: asked to measure under GO-1/b1/p64-n32")
     assert r.card is None
@@ -212,3 +212,26 @@ def test_verify_needs_tasks_for_a_budget(base_and_export):
     with pytest.raises(ConfigError, match="needs tasks"):
         verify(VerifySpec(source=str(base_and_export / "export"), target="G", max_drop=0.01, tasks=()))
 
+
+
+def test_verify_recipe_gates_the_model_apply_ships(tmp_path, monkeypatch):
+    """The recipe's calibration reaches assess, so a calibrated move is fitted as apply fits it."""
+    import greenopt.verify
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: default\nvariant:\n  steps:\n  - {kind: depth, drop: 1}\n"
+                      "evaluation: {tasks: []}\nprotocol: smoke\ncalibration: {samples: 7, seq_len: 64, seed: 5}\n"
+                      "gate: {target: G}\n")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_assess(spec, **_):
+        seen.append(spec)
+        raise Stop
+
+    monkeypatch.setattr(greenopt.verify, "assess", fake_assess)
+    with pytest.raises(Stop):
+        verify(VerifySpec(source=str(recipe)))
+    assert seen[0].calib.model_dump() == {"samples": 7, "seq_len": 64, "seed": 5}
