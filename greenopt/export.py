@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -38,9 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import optuna
 import torch
 
 from greenopt import export_modules as em
+from greenopt import pareto, study_storage
 from greenopt._io import library_versions, write_text
 from greenopt._version import __version__
 from greenopt.compress import apply
@@ -64,6 +67,7 @@ from greenopt.pareto import TrialRecord
 from greenopt.recipe import Gate
 from greenopt.records import ApplyReport, Record
 from greenopt.rundir import RunDir
+from greenopt.search import records
 
 log = logging.getLogger(__name__)
 
@@ -405,16 +409,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
         ConfigError: no such run or trial, the trial was not measured, or re-applying does not
             reproduce the trial's model.
     """
-    import json
-
-
     rd = RunDir(Path(run_dir))
     if not rd.spec.is_file():
         raise ConfigError(f"{run_dir}: not a search run folder (no search.yaml)")
     spec = validated(SearchSpec, load_yaml(rd.spec), where=str(rd.spec))
-    recs = {r.number: r for r in (validated(TrialRecord, json.loads(p.read_text()), where=str(p))
-                                  for p in sorted(rd.trials.glob("*.json")))}
-    number = _picked(rd, recs, pick)
+    recs = {r.number: r for r in run_records(rd, spec)}
+    number = _picked(rd, spec, recs, pick)
     rec = recs.get(number)
     if rec is None or not rec.measured:
         raise ConfigError(f"{run_dir}: trial {number} has no full measurement (state "
@@ -452,17 +452,38 @@ def _is_relative(scheme: str) -> bool:
     return load_scheme(scheme).metric == "eei"
 
 
-def _picked(rd: Any, recs: dict[int, Any], pick: str | int) -> int:
-    import json
+def run_records(rd: RunDir, spec: SearchSpec) -> list[TrialRecord]:
+    """The trial records of a run, read from its study (the source of truth).
 
+    The study is the run's sqlite file or ``spec.storage`` (a shared RDB where ``greenopt
+    worker`` processes on other machines recorded their trials); ``trials/*.json`` is only a
+    cache of it and is never read here.
+
+    Raises:
+        ConfigError: the study cannot be found or opened.
+    """
+    url = spec.storage or rd.sqlite_url
+    if spec.storage is None and not rd.study_db.is_file():
+        raise ConfigError(f"{rd.root}: no study ({rd.study_db.name} is missing); export reads the trials from "
+                          "the study, so copy the whole run folder, or pass the run's --storage")
+    storage = study_storage.open_storage(url, shared=spec.storage is not None, heartbeat_s=spec.heartbeat_interval_s)
+    try:
+        study = optuna.load_study(study_name=spec.resolved_study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"{rd.root}: no study {spec.resolved_study_name!r} in {study_storage.redact(url)}") from None
+    return records(study)
+
+
+def _picked(rd: RunDir, spec: SearchSpec, recs: dict[int, TrialRecord], pick: str | int) -> int:
     if str(pick) != "best":
         try:
             return int(pick)
         except ValueError:
             raise ConfigError(f"--pick {pick!r}: give a trial number or 'best'") from None
-    if rd.result.is_file():
-        chosen = json.loads(rd.result.read_text()).get("chosen")
-        if chosen:
-            return int(chosen["number"])
+    chosen = pareto.select(recs.values(), load_scheme(spec.scheme), spec.target, spec.max_drop)
+    if chosen is not None:
+        return chosen.number
     raise ConfigError(f"{rd.root}: the search chose no variant (target not reached); pick a trial from the "
                       "front table with --pick N")
+
+
