@@ -365,8 +365,9 @@ class SpaceSpec(Strict):
 class FidelitySpec(Strict):
     """Two fidelities per trial: a cheap quick look, then the full evaluation.
 
-    The quick look computes perplexity on calibration text (``perplexity_windows`` windows of
-    ``perplexity_tokens`` tokens; 0 windows skips it) and, when ``quick_protocol`` is set, a
+    The quick look computes perplexity on held-aside text (the ``perplexity`` split, never the
+    calibration text; ``perplexity_windows`` windows of ``perplexity_tokens`` tokens, each
+    starting at a paragraph after BOS; 0 windows skips it) and, when ``quick_protocol`` is set, a
     short energy comparison. A trial is pruned when its perplexity exceeds ``perplexity_cut``
     x the baseline's, or when (relative schemes only) the best end of its quick EEI interval
     exceeds ``energy_cut`` x the target class bound. Survivors get ``eval`` (lm-eval tasks)

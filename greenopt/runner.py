@@ -5,7 +5,7 @@ the baseline), then ``run(variant, cut=...)`` per trial, returning a :class:`Run
 :class:`TransformersRunner` is the real one; ``greenopt.testing_search.FakeRunner`` is a
 deterministic surrogate for tests and benchmarks.
 
-A run has two fidelities. The quick look (perplexity on calibration text, then a short
+A run has two fidelities. The quick look (perplexity on held-aside text, then a short
 energy comparison under the ``quick`` protocol) is offered to ``cut``; a cut returns a
 reason and the trial ends there as pruned. Otherwise the variant gets the full evaluation
 (lm-eval tasks) and a comparison against the baseline under the full protocol, on the same
@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from greenopt import data
 from greenopt.compress import ApplyContext, apply
+from greenopt.compress.calibration import text_windows
 from greenopt.config import SearchSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
@@ -248,7 +249,7 @@ class TransformersRunner:
         return quick, None
 
     def _perplexity(self, model: Any) -> float:
-        """exp(mean NLL) over fixed windows of calibration text; inf when the loss is not finite."""
+        """exp(mean NLL) over fixed windows of held-aside text; inf when the loss is not finite."""
         import torch
 
         if self._windows is None:
@@ -262,16 +263,13 @@ class TransformersRunner:
 
 
 def _perplexity_windows(tokenizer: Any, n: int, tokens: int) -> Any:
-    """``[n, tokens]`` ids: evenly spaced windows over the calibration split (deterministic)."""
-    import torch
+    """``[n, tokens]`` ids: evenly spread windows over the held-aside ``perplexity`` split.
 
-
-    ids = tokenizer("\n\n".join(data.wiki_split("calibration")), return_tensors="pt",
-                    add_special_tokens=False).input_ids[0]
-    if ids.numel() < n * tokens:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than {n} x {tokens}")
-    stride = (ids.numel() - tokens) // max(1, n - 1) if n > 1 else 0
-    return torch.stack([ids[i * stride:i * stride + tokens] for i in range(n)])
+    Not the calibration text: GPTQ, Wanda, width, depth and the MoE router are fitted on that,
+    and scoring them on it would favour calibrated moves. Windows start at a paragraph, after
+    BOS where the tokenizer has one (:func:`greenopt.compress.calibration.text_windows`).
+    """
+    return text_windows(tokenizer, data.wiki_split("perplexity"), n, tokens)
 
 
 def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:

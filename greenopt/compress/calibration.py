@@ -1,6 +1,7 @@
 """The calibration sample shared by every move that needs one, and activation statistics.
 
-Text comes from the Wikipedia ``calibration`` split (disjoint from prompts and evaluation).
+Text comes from the Wikipedia ``calibration`` split (disjoint from prompts, the quick look's
+held-aside text and evaluation items).
 """
 
 from __future__ import annotations
@@ -19,18 +20,54 @@ _CACHE: dict[tuple, torch.Tensor] = {}
 def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
     """``[spec.samples, spec.seq_len]`` token ids: seeded windows over the calibration text.
 
-    Cached per (tokenizer, spec), so every move in a process sees the same sample.
+    Each window starts at a paragraph of an article, after the tokenizer's BOS token where it
+    defines one (:func:`text_windows`). Cached per (tokenizer, spec), so every move in a
+    process sees the same sample.
     """
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), spec)
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.bos_token_id, spec)
     if key not in _CACHE:
-        ids = tokenizer("\n\n".join(data.wiki_split("calibration")), return_tensors="pt",
-                        add_special_tokens=False).input_ids[0]
-        if ids.numel() < spec.seq_len + 1:
-            raise ValueError("calibration text is shorter than one sample")
-        g = torch.Generator().manual_seed(spec.seed)
-        starts = torch.randint(0, ids.numel() - spec.seq_len, (spec.samples,), generator=g)
-        _CACHE[key] = torch.stack([ids[s:s + spec.seq_len] for s in starts.tolist()])
+        _CACHE[key] = text_windows(tokenizer, data.wiki_split("calibration"), spec.samples, spec.seq_len,
+                                   seed=spec.seed)
     return _CACHE[key]
+
+
+def text_windows(tokenizer, articles: tuple[str, ...], n: int, seq_len: int, *,
+                 seed: int | None = None) -> torch.LongTensor:
+    """``[n, seq_len]`` token ids, each window read from the start of a paragraph.
+
+    A window never starts mid-sentence: it starts at a paragraph of one of ``articles`` and
+    runs on through the following text. The tokenizer's BOS token, where it defines one, is
+    the first token of every window (models trained with BOS run far out of distribution
+    without it). ``seed=None`` spreads the windows evenly over the paragraphs; a seed draws
+    them at random, reproducibly.
+
+    Raises:
+        ValueError: the text is too short for one window.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = seq_len - len(bos)
+    starts = [(a, p) for a, art in enumerate(articles) for p, para in enumerate(art.split("\n")) if para.strip()]
+    if not starts or body < 1:
+        raise ValueError("calibration text is shorter than one sample")
+    if seed is None:
+        step = len(starts) / n
+        picks = [starts[int(i * step)] for i in range(n)]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        picks = [starts[i] for i in torch.randint(0, len(starts), (n,), generator=g).tolist()]
+    rows = []
+    for a, p in picks:
+        ids: list[int] = []
+        text = "\n".join(articles[a].split("\n")[p:])
+        k = a
+        while len(ids) < body:
+            ids += tokenizer(text[: 16 * body], add_special_tokens=False).input_ids
+            k += 1
+            if len(ids) < body and k >= len(articles) + a:
+                raise ValueError("calibration text is shorter than one sample")
+            text = "\n\n" + articles[k % len(articles)]
+        rows.append(bos + ids[:body])
+    return torch.tensor(rows, dtype=torch.long)
 
 
 @contextlib.contextmanager
