@@ -21,7 +21,8 @@ from greenopt.errors import ConfigError
 from greenopt.export import MANIFEST, ExportProvenance, _check_target, export, export_run, load_manifest, write_readme
 from greenopt.label.card import load_card, write_card
 from greenopt.models import load_model
-from greenopt.recipe import Recipe, load_recipe, validate_file
+from greenopt.recipe import Recipe, load_recipe
+from greenopt.validate import validate_file
 from greenopt.verify import VerifySpec, verify
 
 EPILOG_VERIFY = """examples:

@@ -17,6 +17,7 @@ subclass such as torchao's ``Int8Tensor``, stored flattened).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -26,6 +27,11 @@ from typing import Any
 
 import torch
 
+from greenopt.compress.moe_module import rebuild_moefied
+from greenopt.compress.q_bnb import _classes, canonical_4bit, quantize_module
+from greenopt.compress.q_packed import PackedEmbedding, PackedLinear
+from greenopt.compress.targeting import set_module
+from greenopt.compress.width import rebuild_width
 from greenopt.errors import ConfigError
 
 MODULES = "greenopt_modules.json"
@@ -83,7 +89,6 @@ def _greenopt_attrs(m: torch.nn.Module) -> dict[str, Any]:
 
 def _classify(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
     """The module's kind and constructor meta, None for a plain module; raises for unknown ones."""
-    from greenopt.compress.q_packed import PackedEmbedding, PackedLinear
 
     cls = type(m).__name__
     if isinstance(m, PackedLinear):
@@ -96,7 +101,9 @@ def _classify(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
             "dtype": _dtype_name(m.dtype_probe.dtype)}}
     bnb = _bnb()
     if bnb is not None and isinstance(m, bnb.nn.Linear4bit):
-        qs = m.weight.quant_state
+
+        canon = canonical_4bit(m.weight)  # what write_weights stores (see _canonical_bnb_layout)
+        qs = m.weight.quant_state if canon is None else canon[1]
         return {"kind": "bnb_4bit", "meta": {"in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "quant_type": qs.quant_type, "blocksize": qs.blocksize,
                 "nested": bool(qs.nested), "compute_dtype": _dtype_name(m.compute_dtype or torch.float32)}}
@@ -176,8 +183,43 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
 
 
+@contextlib.contextmanager
+def _canonical_bnb_layout(model: torch.nn.Module):
+    """Within the block, every CPU-repacked ``Linear4bit`` holds its canonical layout; restored after.
+
+    bitsandbytes repacks 4-bit weights for its fused AVX-512-BF16 kernel at the first eval forward,
+    and its ``state_dict`` inverse is incomplete (``q_bnb.canonical_4bit``). Both loaders save
+    through ``state_dict``, so both see the canonical tensors here; the measured model itself is
+    put back exactly as it was (same tensors, same QuantState objects).
+    """
+    bnb = _bnb()
+    swapped = []
+    if bnb is not None:
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit) and (canon := canonical_4bit(m.weight)) is not None:
+                swapped.append((m, m.weight.data, m.weight.quant_state, m.__dict__.get("quant_state")))
+                m.weight.data, m.weight.quant_state = canon
+                m.quant_state = canon[1]
+    try:
+        yield
+    finally:
+        for m, data, qs, mod_qs in swapped:
+            m.weight.data, m.weight.quant_state = data, qs
+            m.quant_state = mod_qs
+
+
 def write_weights(model: torch.nn.Module, plan: WeightsPlan, folder: Path) -> None:
-    """Writes config, generation config and weights (safetensors) as the plan says."""
+    """Writes config, generation config and weights (safetensors) as the plan says.
+
+    bitsandbytes 4-bit weights are written in their canonical layout even after a CPU forward
+    repacked them (``_canonical_bnb_layout``).
+    """
+    with _canonical_bnb_layout(model):
+        _write_weights(model, plan, folder)
+
+
+def _write_weights(model: torch.nn.Module, plan: WeightsPlan, folder: Path) -> None:
     if plan.loader == "transformers":
         missing = object()
         old = getattr(model.config, "quantization_config", missing)
@@ -250,9 +292,6 @@ def load_greenopt(folder: Path, *, device: str = "cpu", dtype: str | None = None
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from greenopt.compress.moe_module import rebuild_moefied
-    from greenopt.compress.targeting import set_module
-    from greenopt.compress.width import rebuild_width
 
     spec = json.loads((folder / MODULES).read_text())
     cfg = AutoConfig.from_pretrained(folder)
@@ -290,8 +329,6 @@ def _load_into(m: torch.nn.Module, sub: dict[str, torch.Tensor], name: str) -> t
 
 
 def _build_packed_linear(meta: dict, sub: dict, name: str) -> torch.nn.Module:
-    from greenopt.compress.q_packed import PackedLinear
-
     o, i, g = meta["out_features"], meta["in_features"], meta["group_size"]
     z = torch.zeros(o, i // g)
     m = PackedLinear(torch.zeros(o, i, dtype=torch.uint8), z, z, meta["bits"], g,
@@ -300,8 +337,6 @@ def _build_packed_linear(meta: dict, sub: dict, name: str) -> torch.nn.Module:
 
 
 def _build_packed_embedding(meta: dict, sub: dict, name: str) -> torch.nn.Module:
-    from greenopt.compress.q_packed import PackedEmbedding
-
     n, d, g = meta["num_embeddings"], meta["embedding_dim"], meta["group_size"]
     z = torch.zeros(n, d // g)
     m = PackedEmbedding(torch.zeros(n, d, dtype=torch.uint8), z, z, meta["bits"], g,
@@ -312,7 +347,6 @@ def _build_packed_embedding(meta: dict, sub: dict, name: str) -> torch.nn.Module
 def _build_bnb_4bit(meta: dict, sub: dict, name: str) -> torch.nn.Module:
     import bitsandbytes as bnb
 
-    from greenopt.compress.q_bnb import _classes
 
     four = _classes()[1]
     m = four(meta["in_features"], meta["out_features"], bias=meta["bias"],
@@ -327,8 +361,6 @@ def _build_bnb_4bit(meta: dict, sub: dict, name: str) -> torch.nn.Module:
 
 
 def _build_bnb_int8(meta: dict, sub: dict, name: str) -> torch.nn.Module:
-    from greenopt.compress.q_bnb import quantize_module
-
     dense = torch.nn.Linear(meta["in_features"], meta["out_features"], bias=meta["bias"])
     return _load_into(quantize_module(dense, "bnb_int8", None, meta["threshold"]), sub, name)
 

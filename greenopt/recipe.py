@@ -6,17 +6,12 @@ gate and the export folder. Unknown keys are rejected with their field path, and
 ``load -> dump -> load`` gives an equal recipe.
 
 Example:
-    >>> from greenopt.recipe import load_recipe, validate_file
+    >>> from greenopt.recipe import load_recipe
     >>> recipe = load_recipe("recipes/cpu-demo.yaml")          # doctest: +SKIP
     >>> recipe.search_spec().target                               # doctest: +SKIP
     'B'
-    >>> validate_file("recipes/ci/pinned-depth4.yaml").ok         # doctest: +SKIP
-    True
 
-``validate_file`` checks the schema, then cross-field rules (schemes load and the target
-letters exist in them; bits and group sizes fit each method; the variant or sampled search
-variants fit the model's architecture, checked on a meta-device copy built from its config),
-then dry-runs one variant on a tiny model of the same layer and head layout.
+``greenopt.validate.validate_file`` checks a recipe beyond its schema.
 """
 
 from __future__ import annotations
@@ -27,8 +22,19 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, model_validator
 
-from greenopt.config import (PROTOCOL_PRESETS, CalibSpec, EvalSpec, FidelitySpec, Protocol,
-                             SearchSpec, SpaceSpec, Strict, Variant, load_yaml, protocol_preset)
+from greenopt.config import (
+    PROTOCOL_PRESETS,
+    CalibSpec,
+    EvalSpec,
+    FidelitySpec,
+    Protocol,
+    SearchSpec,
+    SpaceSpec,
+    Strict,
+    Variant,
+    load_yaml,
+    protocol_preset,
+)
 from greenopt.errors import ConfigError
 from greenopt.records import Record, Tier
 
@@ -272,47 +278,3 @@ def load_recipe(path: str | Path) -> Recipe:
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text that :func:`load_recipe` reads back to an equal recipe (every field written)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-class ValidationReport(Record):
-    """The outcome of :func:`validate_file`: issues (empty: valid) and informative notes."""
-
-    path: str
-    issues: tuple[Issue, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.issues
-
-
-def validate_file(path: str | Path, *, dry_run: bool = True) -> ValidationReport:
-    """Checks a recipe: schema, cross-field rules, then (if those pass) a dry run.
-
-    Args:
-        path: the recipe file.
-        dry_run: apply one variant (the pinned one, or one sampled from the search space)
-            to a tiny model shaped like the recipe's model.
-
-    Returns:
-        Every issue found, each with its field path.
-    """
-    from greenopt.recipe_checks import cross_field_issues, dry_run_issues
-
-    where = str(path)
-    try:
-        data = read_recipe_data(path)
-    except ConfigError as e:
-        return ValidationReport(path=where, issues=(Issue(path="<file>", message=str(e)),))
-    recipe, issues = schema_issues(data)
-    if issues or recipe is None:
-        return ValidationReport(path=where, issues=tuple(issues))
-    issues, notes = cross_field_issues(recipe)
-    if not issues and dry_run:
-        more, dnotes = dry_run_issues(recipe)
-        issues, notes = issues + more, notes + dnotes
-    return ValidationReport(path=where, issues=tuple(issues), notes=tuple(notes))
-

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from greenopt.config import (CalibSpec, DepthStep, ExpertPruneStep, MoefyStep, PruneStep, QuantizeStep,
-                             QuantOverride, SearchSpec, Target, Variant, WidthStep, dump_yaml)
+from greenopt.config import (
+    CalibSpec,
+    DepthStep,
+    ExpertPruneStep,
+    MoefyStep,
+    PruneStep,
+    QuantizeStep,
+    QuantOverride,
+    Target,
+    Variant,
+    WidthStep,
+)
 from greenopt.errors import ConfigError
-from greenopt.export import MANIFEST, ExportProvenance, export, export_run, files_sha256, load, load_manifest
+from greenopt.export import MANIFEST, ExportProvenance, export, files_sha256, load, load_manifest
 from greenopt.testing import tiny_llama, tiny_mixtral, tiny_tokenizer
 
 CALIB = CalibSpec(samples=4, seq_len=32)
@@ -194,44 +202,6 @@ def test_card_files_and_readme_travel_and_label_rerenders(tmp_path):
 
 
 # ---------------------------------------------------------------------------- from a search run
-
-
-def test_export_run_builds_the_card_from_the_trial_records(tmp_path):
-    from greenopt.compress import apply
-    from greenopt.label import grade_comparison, load_scheme
-    from greenopt.pareto import TrialRecord
-
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
-    spec = SearchSpec(model=str(base), target="B", name="r", runs_dir=str(tmp_path / "runs"), calib=CALIB)
-    run = tmp_path / "runs" / "r"
-    (run / "trials").mkdir(parents=True)
-    (run / "search.yaml").write_text(dump_yaml(spec))
-    variant = Variant(steps=(DepthStep(drop=1),))
-    report = apply(tiny_llama(), variant, tokenizer=tiny_tokenizer(), calib=CALIB)
-    card = _card()
-    cmp = card_comparison()
-    evals = card_evals()
-    grade = grade_comparison(cmp, load_scheme("relative-eu"))
-    recs = [TrialRecord(number=0, state="COMPLETE", variant=Variant(), variant_hash=Variant().hash, is_baseline=True,
-                        eval=evals[1], comparison=cmp, grade=grade, energy=100.0, energy_ci=(99.0, 101.0)),
-            TrialRecord(number=1, state="COMPLETE", variant=variant, variant_hash=variant.hash, eval=evals[0],
-                        comparison=cmp, grade=grade, energy=cmp.eei, energy_ci=cmp.eei_ci, apply=report)]
-    for r in recs:
-        (run / "trials" / f"{r.number:05d}.json").write_text(r.model_dump_json())
-    (run / "result.json").write_text(json.dumps({"chosen": {"number": 1}}))
-    m = export_run(run, tmp_path / "exp")
-    out = load_manifest(tmp_path / "exp")
-    assert m == out and out.variant.hash == variant.hash and out.base_model == str(base)
-    assert out.gate.target == "B" and out.source.endswith("trial 1") and out.card_protocol_id == "GO-1/b1"
-    from greenopt.card import load_card
-
-    label = load_card(tmp_path / "exp")
-    assert label.relative.display == "B" and label.variant.name == "r-trial1"
-    assert [t.task for t in label.accuracy] == ["arc_easy", "piqa"]
-    with pytest.raises(ConfigError, match="trial 7 has no full measurement"):
-        export_run(run, tmp_path / "exp2", pick=7)
 
 
 def card_comparison():

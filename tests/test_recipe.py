@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from greenopt.config import SearchSpec, SpaceSpec
+from greenopt import space as sp
+from greenopt.config import SearchSpec, SpaceSpec, load_variant
 from greenopt.errors import ConfigError
-from greenopt.recipe import Recipe, dump_recipe, load_recipe, validate_file
-from greenopt.recipe_checks import sample_variant
+from greenopt.recipe import Recipe, dump_recipe, load_recipe
+from greenopt.recipe_checks import _layers_needed, _twin_groups, corner_params, sample_variant, tiny_twin
+from greenopt.validate import validate_file
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-SHIPPED = sorted(RECIPES.glob("*.yaml")) + sorted((RECIPES / "ci").glob("*.yaml"))
+# Every recipe file under recipes/: label schemes (labels/) and the variant files recipes point
+# at (variants/) are not recipes; ci/*.yml is a GitHub workflow and does not match *.yaml.
+_NOT_RECIPES = ("labels", "variants")
+SHIPPED = sorted(p for p in RECIPES.glob("**/*.yaml")
+                 if p.relative_to(RECIPES).parts[0] not in _NOT_RECIPES)
+VARIANTS = sorted((RECIPES / "variants").glob("*.yaml"))
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -32,6 +39,20 @@ def test_shipped_recipes_exist():
 def test_shipped_recipes_pass_schema_and_cross_field_rules(path):
     report = validate_file(path, dry_run=False)
     assert report.ok, [i.line() for i in report.issues]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_shipped_recipes_validate_with_the_dry_run(path):
+    # The full validation users run: schema, cross-field rules and the dry run on a tiny twin
+    # (the seeded sample and the corners of a search space, or the pinned variant).
+    report = validate_file(path)
+    assert report.ok, [i.line() for i in report.issues]
+    assert any(n.startswith("dry run:") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
+def test_shipped_variant_files_load(path):
+    assert load_variant(path).steps
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -110,3 +131,45 @@ def test_dry_run_catches_a_step_broken_by_an_earlier_one(tiny_dir, tmp_path):
 
 def test_recipe_model_accepts_a_bare_string():
     assert Recipe.model_validate({"model": "x", "variant": {}}).model.id == "x"
+
+
+_DEPTH_AND_GROUPS = SpaceSpec(bits=(16, 4), methods=("rtn",), layer_groups=3, split_attn_ffn=True,
+                              prune=(), depth_drop_max=0.5, moefy_experts=())
+
+
+def test_layers_needed_adds_back_the_layers_a_depth_cut_removes():
+    # Regression: quantize overrides index the layers left after the depth cut, so the twin
+    # needs those indices plus the dropped layers (here 4 dropped of 8, groups over 4 left).
+    params = {"depth.drop": 4, "bits.g0.attn": 4, "bits.g1.attn": 16, "bits.g1.ffn": 4, "bits.g2.attn": 4}
+    v = sp.build(params, _DEPTH_AND_GROUPS, 8)
+    assert v.steps[0].kind == "depth" and v.steps[1].overrides
+    assert _layers_needed(v) == 8
+    from greenopt.compress import apply
+    from greenopt.testing import tiny_tokenizer
+    apply(tiny_twin(None, _layers_needed(v), []), _twin_groups(v), tokenizer=tiny_tokenizer())
+
+
+def test_dry_run_covers_a_space_with_depth_and_quantized_groups(tiny_dir, tmp_path):
+    data = {"model": str(tiny_dir), "search": {"target": "A", "seed": 0, "space": {
+        **_DEPTH_AND_GROUPS.model_dump(include={"bits", "methods", "layer_groups", "split_attn_ffn",
+                                                "depth_drop_max"}), "prune": [], "moefy_experts": []}},
+            "evaluation": {"tasks": ["arc_easy"]}}
+    data["search"]["space"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["search"]["space"].items()}
+    report = validate_file(_write(tmp_path, data))
+    assert report.ok, [i.line() for i in report.issues]
+
+
+def test_corners_cover_the_extremes_of_the_space():
+    space = SpaceSpec(bits=(16, 8, 4), methods=("rtn", "hqq"), heads_keep=(0.75, 0.5), moefy_experts=(4, 8),
+                      moefy_top_k=(1, 2), depth_drop_max=0.5, ffn_keep_min=0.5, prune=())
+    corners = dict(corner_params(space, 8))
+    by = {d.name: d for d in sp.dims(space, 8)}
+    bit_dims = [n for n in by if n.startswith("bits.g")]
+    uniform = [p for p in corners.values() if "depth.drop" in p and all(p.get(n) == 4 for n in bit_dims)]
+    assert {p["quant.method"] for p in uniform} == {"rtn", "hqq"}
+    assert all(p["depth.drop"] == by["depth.drop"].high for p in uniform)
+    assert any(len({p.get(n) for n in bit_dims}) > 1 and "depth.drop" in p for p in corners.values())
+    assert {"width.ffn_keep": 0.5} in corners.values()
+    assert {p.get("width.heads_keep") for p in corners.values()} >= {0.75, 0.5}
+    assert {p.get("moefy.experts") for p in corners.values()} >= {4, 8}
+    assert corner_params(space, 8) == corner_params(space, 8)  # deterministic

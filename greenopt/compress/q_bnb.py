@@ -10,9 +10,12 @@ kernel is not always faster: LLM.int8 with outliers is known to cost more energy
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
+
+from greenopt.compress.targeting import set_module
 
 BITS_BY_METHOD = {"bnb_int8": (8,), "bnb_nf4": (4,), "bnb_fp4": (4,)}
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -54,6 +57,34 @@ class _Hooks:
         return stored * 8 / (self.in_features * self.out_features)
 
 
+def canonical_4bit(weight) -> tuple[torch.Tensor, object] | None:
+    """``(data, quant_state)`` of a 4-bit weight in bitsandbytes' canonical layout, or None if it is in it.
+
+    On CPUs with AVX-512-BF16, ``Linear4bit.forward`` in eval mode repacks its weight once for the
+    fused CPU kernel (``quant_state.packing_format_for_cpu``): nibbles reordered in 32-row blocks,
+    absmax transposed to ``[K/blocksize, N]`` and rounded to bfloat16, double quantization undone.
+    bitsandbytes' own inverse restores the nibbles but leaves a non-nested absmax transposed in
+    bfloat16 (and re-quantizes a nested one, lossily), so saving after a forward wrote a model that
+    reloads with other logits. This returns new tensors and a new QuantState and leaves ``weight``
+    untouched: the nibbles in canonical order, the absmax the kernel actually used (its bfloat16
+    values, exact in float32, canonical order) and ``nested=False``, so a reload, repacked at its first
+    forward on such a CPU, computes exactly what the repacked module computed.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    qs = weight.quant_state
+    if qs is None or not getattr(qs, "packing_format_for_cpu", False):
+        return None
+    work = copy.copy(qs)
+    work.original_nested = False  # keep the kernel's absmax rather than re-quantizing it
+    data, work = _convert_weight_packed_for_cpu_inverse(weight.data, work)
+    work.absmax = qs.absmax.T.reshape(-1).to(torch.float32).contiguous()
+    work.nested = False
+    for k in ("state2", "offset"):
+        work.__dict__.pop(k, None)
+    return data, work
+
+
 @functools.lru_cache(maxsize=1)
 def _classes():
     import bitsandbytes as bnb
@@ -87,7 +118,8 @@ def _classes():
             return self.weight.device.type == "cuda" or _cpu_4bit_kernel()
 
         def greenopt_extra_bytes(self) -> int:
-            qs = self.weight.quant_state
+            canon = canonical_4bit(self.weight)  # count what is stored, not the CPU kernel's bf16 copy
+            qs = self.weight.quant_state if canon is None else canon[1]
             return sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values()
                        if isinstance(v, torch.Tensor))
 
@@ -118,7 +150,6 @@ def quantize_module(lin: torch.nn.Linear, method: str, group_size: int | None, t
 
 def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:
     """Replaces every planned Linear in place."""
-    from greenopt.compress.targeting import set_module
 
     for it in items:
         set_module(model, it.name, quantize_module(it.module, it.method, it.group_size, step.threshold))
