@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-
 from greenopt import cli_ship
+from greenopt.cli_common import console, emit_json, out, progress_bars
+from greenopt.config import SearchSpec, validated
+from greenopt.errors import ConfigError
+from greenopt.evaluate import validate_tasks
+from greenopt.plot import render_front
+from greenopt.recipe import load_recipe
+from greenopt.search import search, to_json, worker
 
 EPILOG_SEARCH = """examples:
   greenopt search --model default --target A                    # default space, 20 trials
@@ -66,15 +72,11 @@ def add_parsers(sub, add_measure_args) -> None:
 
 
 def _spec_from_args(args):
-    from greenopt.config import SearchSpec, validated
-
     base: dict = {}
     if args.recipe:
-        from greenopt.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
         if getattr(recipe, "search", None) is None:
-            from greenopt.errors import ConfigError
 
             raise ConfigError(f"{args.recipe}: has no search section; use `greenopt apply {args.recipe}` "
                               "for a pinned variant")
@@ -131,12 +133,6 @@ def _live(console):
 
 
 def cmd_search(args) -> int:
-    from greenopt.cli import emit_json
-    from greenopt.cli_run import console, out, progress_bars
-    from greenopt.evaluate import validate_tasks
-    from greenopt.plot import render_front
-    from greenopt.search import search, to_json
-
     if args.threads:
         import torch
 
@@ -184,10 +180,6 @@ def render_outcome(result, console) -> None:
 
 
 def cmd_worker(args) -> int:
-    from greenopt.cli import emit_json
-    from greenopt.cli_run import console, progress_bars
-    from greenopt.search import worker
-
     if args.threads:
         import torch
 
