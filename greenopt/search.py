@@ -39,14 +39,14 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from greenopt import pareto, rundir, space, study_storage
+from greenopt import pareto, plot, rundir, space, study_storage
 from greenopt.config import SearchSpec, Variant, dump_yaml, validated
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import LabelScheme, grade_comparison, grade_measurement, load_scheme
 from greenopt.pareto import FrontRow, TrialRecord, Unreachable
 from greenopt.plot import render_front  # noqa: F401 - part of this module's API (the CLI renders with it)
 from greenopt.records import Record
-from greenopt.runner import Cuts, Progress, RunOutcome, TrialRunner
+from greenopt.runner import Cuts, Progress, RunOutcome, TransformersRunner, TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,6 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     scheme = _scheme_and_target(spec)
     rundir.check(spec, resume=resume, force=force)
     if runner is None:
-        from greenopt.runner import TransformersRunner
-
         runner = TransformersRunner(spec)
     runner.prepare(progress)
     rd = rundir.prepare(spec, resume=resume, force=force)
@@ -440,8 +438,6 @@ def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> 
 
 
 def _default_runner(spec: SearchSpec) -> TrialRunner:
-    from greenopt.runner import TransformersRunner
-
     return TransformersRunner(spec)
 
 
@@ -487,7 +483,6 @@ def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rund
         interrupted=interrupted, estimated=any(r.estimated for r in rows), duration_s=duration_s,
     )
     try:
-        from greenopt import plot
 
         result = result.model_copy(update={"plots": plot.write_plots(result, scheme, rd)})
     except Exception as e:  # noqa: BLE001 - a plot must never lose the search result
