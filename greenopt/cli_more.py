@@ -153,8 +153,12 @@ def cmd_search(args) -> int:
 def render_outcome(result, console) -> None:
     """The chosen variant, or the honest unreachable report, plus where the files are."""
     counts = ", ".join(f"{v} {k.lower()}" for k, v in result.counts.items() if v)
-    console.print(f"{result.n_trials} trials ({counts}) in {result.duration_s / 60:.1f} min; run folder "
-                  f"{result.run_dir}")
+    ran = sum(result.counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))
+    console.print(f"{ran} of {result.n_trials} trials ran ({counts or 'none'}) in {result.duration_s / 60:.1f} "
+                  f"min; run folder {result.run_dir}")
+    stop = getattr(result, "stop_reason", None)  # why the loop stopped (budget, time limit, Ctrl-C, failures)
+    if stop:
+        console.print(f"stopped: {stop}")
     if result.estimated:
         console.print("[yellow]energy figures are E1 estimates (no hardware counter here): classes are "
                       "shown as ~X (estimated), never as plain letters[/yellow]")
@@ -167,8 +171,7 @@ def render_outcome(result, console) -> None:
         console.print(f"export it: {result.export_command}")
     elif result.unreachable is not None:
         u = result.unreachable
-        console.print(f"[bold red]target {result.target} not reached[/bold red] within {result.n_trials} "
-                      f"trials: {u.message}")
+        console.print(f"[bold red]target {result.target} not reached[/bold red]: {u.message}")
         for r in u.closest:
             drop = f", accuracy drop {r.accuracy_drop:.3f}" if r.accuracy_drop is not None else ""
             console.print(f"  closest: trial {r.number} ({r.variant_hash}) {r.display}, energy {r.energy:.1f} "

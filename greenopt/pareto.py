@@ -40,6 +40,7 @@ class TrialRecord(Record):
     params: dict[str, Any] = {}
     is_baseline: bool = False
     reason: str | None = None
+    traceback: str | None = None
     lost: bool = False
     cached_from: int | None = None
     apply: ApplyReport | None = None
@@ -234,14 +235,21 @@ def unreachable(records: Sequence[TrialRecord], scheme: LabelScheme, target: str
                        energy=r.energy, energy_worst=r.energy_worst, accuracy_drop=r.accuracy_drop,
                        limited_by=_limit(r, scheme, target, bound, max_drop)) for r in near[:k]]
     unit = "EEI" if scheme.relative else "J/token"
+    ran = sum(counts[s] for s in ("COMPLETE", "PRUNED", "FAIL"))  # trials that ran to an outcome (lost excluded)
     parts = [f"{counts['COMPLETE']} complete", f"{counts['PRUNED']} pruned", f"{counts['FAIL']} failed"]
+    if fails:
+        parts[-1] += " (" + ", ".join(f"{kind} x{n}" for kind, n in fails.most_common()) + ")"
+    if counts["lost"]:
+        parts.append(f"{counts['lost']} lost (not counted)")
     msg = (f"No variant reached class {target} (<= {bound:g} {unit}, worse end of the 95% interval"
            + (f", accuracy drop <= {max_drop:g}" if max_drop is not None else "") + ") in "
-           + f"{sum(counts[s] for s in ('COMPLETE', 'PRUNED', 'FAIL'))} trials: " + ", ".join(parts) + ".")
+           + f"the {ran} trial{'' if ran == 1 else 's'} that ran: " + ", ".join(parts) + ".")
     if rows:
         msg += f" Closest: trial {rows[0].number} at {unit} {rows[0].energy_worst:.3g} (worse end), {rows[0].display}."
-    else:
+    elif any(r.measured for r in records):
         msg += " No variant besides the baseline was fully measured."
+    else:
+        msg += " No trial was fully measured, the baseline included."
     return Unreachable(message=msg, closest=tuple(rows), counts=dict(counts), prune_reasons=dict(prunes),
                        fail_reasons=dict(fails))
 

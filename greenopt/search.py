@@ -18,10 +18,14 @@ Example:
     >>> result.chosen.display                                   # doctest: +SKIP
     'C'
 
-Failures: a trial that raises (out of memory included) is told FAIL with its reason and the
-search goes on; Ctrl-C tells the trial in flight FAIL("interrupted") and returns the result
-so far (``interrupted=True``); after a kill, ``resume=True`` marks the dead process's
-RUNNING trials failed and completes the budget. Lost trials do not count against it.
+Failures: an expected failure (a GreenoptError, out of memory, a kernel's RuntimeError) is
+told FAIL with its traceback in the trial record and the log, and the search goes on; anything
+else is a bug: the trial is recorded FAIL and the error is re-raised. Three identical failures
+in a row stop the run. Ctrl-C tells the trial in flight FAIL("interrupted") and returns the
+result so far (``interrupted=True``); after a kill, ``resume=True`` marks the dead process's
+RUNNING trials failed and completes the budget. Lost trials do not count against it. The
+budget's ``timeout_s`` covers the whole run, loading the model included; ``stop_reason`` says
+what ended it.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class SearchResult(Record):
     export_command: str | None = None
     unreachable: Unreachable | None = None
     interrupted: bool = False
+    stop_reason: str | None = None  # what ended the run: budget, time limit, Ctrl-C, repeated failures
     estimated: bool = False
     duration_s: float = 0.0
     plots: dict[str, str] = {}
@@ -106,9 +111,16 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     Raises:
         ConfigError: unknown scheme or target class, a run-directory conflict, or a study
             that already exists in shared storage without ``resume``.
-        GreenoptError: the baseline trial failed (nothing can be compared).
+        GreenoptError: the baseline trial failed (nothing can be compared), or
+            ``_MAX_SAME_FAILURES`` trials in a row failed the same way (``result.json`` is
+            still written; fix the cause and continue with ``resume=True``).
+        Exception: any other exception from a trial (a bug, not an expected failure) is
+            re-raised after the trial is told FAIL with its record and traceback.
+
+    ``spec.timeout_s`` counts from the start of this call: loading the model
+    (``runner.prepare``) and the baseline are inside the time limit.
     """
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # the time limit covers the whole run, runner.prepare included
     scheme = _scheme_and_target(spec)
     rundir.check(spec, resume=resume, force=force)
     if runner is None:
@@ -120,8 +132,12 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     study_storage.recover(study, shared=spec.storage is not None)
     _ensure_baseline(study, spec, runner.num_layers)
     rundir.write_json(rd.environment, rundir.environment(runner.environment()))
-    interrupted = _drive(study, spec, scheme, runner, rd, progress, on_trial, max_trials=None,
-                         shared=spec.storage is not None)
+    try:
+        interrupted, _ = _drive(study, spec, scheme, runner, rd, progress, on_trial, max_trials=None,
+                                shared=spec.storage is not None, started=t0)
+    except _RepeatedFailure:  # write what ran before stopping, then say why
+        rundir.write_json(rd.result, _result(study, spec, scheme, rd, storage_url, False, time.monotonic() - t0))
+        raise
     result = _result(study, spec, scheme, rd, storage_url, interrupted, time.monotonic() - t0)
     rundir.write_json(rd.result, result)
     return result
@@ -276,12 +292,59 @@ class _Ctx:
     progress: Progress | None
 
 
+STOP_REASON_ATTR = "greenopt.stop_reason"
+_MAX_SAME_FAILURES = 3  # identical consecutive failures (same reason) that stop the search
+
+# Expected trial failures: recorded FAIL (with traceback) and the search goes on. torch's
+# OutOfMemoryError and kernel errors from torch/bitsandbytes are RuntimeErrors. Anything
+# else (TypeError, KeyError, AssertionError, NotImplementedError, ...) is a bug: re-raised.
+_EXPECTED = (GreenoptError, MemoryError, RuntimeError)
+_BUGS = (NotImplementedError, RecursionError)  # RuntimeError subclasses that mean a bug
+
+
+class _RepeatedFailure(GreenoptError):
+    """The same failure several trials in a row: more trials would only repeat it."""
+
+
+def _expected(e: BaseException) -> bool:
+    return isinstance(e, _EXPECTED) and not isinstance(e, _BUGS)
+
+
+def _traceback(e: BaseException, limit: int = 20_000) -> str:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _stopped(study: optuna.Study, reason: str) -> str:
+    """Records why the loop stopped (study user attr ``greenopt.stop_reason``) and logs it."""
+    log.info("search stopped: %s", reason)
+    try:
+        study.set_user_attr(STOP_REASON_ATTR, reason)
+    except Exception as e:  # noqa: BLE001 - the reason must never hide the real outcome
+        log.warning("could not record the stop reason: %s", e)
+    return reason
+
+
 def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: TrialRunner, rd: rundir.RunDir,
-           progress: Progress | None, on_trial: OnTrial | None, *, max_trials: int | None, shared: bool) -> bool:
-    """Runs trials until the budget, the time limit or Ctrl-C; returns True when interrupted."""
+           progress: Progress | None, on_trial: OnTrial | None, *, max_trials: int | None, shared: bool,
+           started: float | None = None) -> tuple[bool, str]:
+    """Runs trials until the budget, the time limit or Ctrl-C.
+
+    ``started`` is the ``time.monotonic()`` the time limit counts from (default: now).
+    Returns ``(interrupted, stop_reason)``; the reason is also stored as the study user attr
+    ``greenopt.stop_reason``.
+
+    Raises:
+        GreenoptError: the baseline failed, or ``_MAX_SAME_FAILURES`` trials in a row failed
+            with the same reason.
+        Exception: a trial's unexpected exception (a bug), after the trial is told FAIL.
+    """
     ctx = _Ctx(study, spec, scheme, runner, rd, _cuts(spec, scheme), shared,
                f"{socket.gethostname()}:{os.getpid()}", progress)
-    t0, ran = time.monotonic(), 0
+    t0, ran = (time.monotonic() if started is None else started), 0
+    same, last_fail = 0, None
     while True:
         if shared:
             study_storage.fail_stale(study)  # a dead worker's RUNNING trial would hold budget forever
@@ -291,10 +354,11 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
         if progress:
             progress("trials", spec.n_trials - _budget_left(study, spec.n_trials), spec.n_trials)
         if left <= 0:
-            return False
+            if max_trials is not None and ran >= max_trials:
+                return False, _stopped(study, f"worker limit of {max_trials} trials reached")
+            return False, _stopped(study, f"budget of {spec.n_trials} trials used")
         if spec.timeout_s is not None and time.monotonic() - t0 >= spec.timeout_s:
-            log.info("time limit of %.0f s reached after %d trials", spec.timeout_s, ran)
-            return False
+            return False, _stopped(study, f"time limit of {spec.timeout_s:g} s reached after {ran} trials")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
             trial = study.ask()
@@ -304,13 +368,26 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
             rec = _run_trial(ctx, trial)
         except KeyboardInterrupt:
             log.warning("interrupted; trial %d recorded as failed, resume with --resume", trial.number)
-            return True
+            return True, _stopped(study, f"interrupted after {ran} trials")
+        except Exception as e:
+            _stopped(study, f"stopped by an unexpected error in trial {trial.number}: {_reason(e)}")
+            raise
         ran += 1
         if rec.is_baseline and rec.state == "FAIL":
+            _stopped(study, f"the baseline trial failed ({rec.reason})")
             raise GreenoptError(f"the baseline trial failed ({rec.reason}); nothing can be compared. "
                                 "Fix the cause and run again with --resume")
         if on_trial:
             on_trial(rec, pareto.select(records(study), scheme, spec.target, spec.max_drop))
+        failed = rec.state == "FAIL" and not rec.lost
+        same = same + 1 if failed and rec.reason == last_fail else int(failed)
+        last_fail = rec.reason if failed else None
+        if same >= _MAX_SAME_FAILURES:
+            _stopped(study, f"stopped after {same} identical failures ({rec.reason})")
+            raise _RepeatedFailure(
+                f"stopped after {same} identical failures in a row (trials {trial.number - same + 1}.."
+                f"{trial.number}): {rec.reason}. The traceback is in the trial records "
+                f"({rd.trial_path(rec.number)}). Fix the cause, then continue the run with --resume")
 
 
 def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
@@ -339,9 +416,17 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
         _finish(ctx, trial, TrialRecord(**base, state="FAIL", reason="interrupted", lost=True,
                                         duration_s=time.monotonic() - t0))
         raise
-    except Exception as e:  # noqa: BLE001 - any trial failure is recorded and the search goes on
-        log.warning("trial %d failed: %s", trial.number, _reason(e))
-        rec = TrialRecord(**base, state="FAIL", reason=_reason(e))
+    except Exception as e:
+        # Expected failures (see _EXPECTED) are recorded and the search goes on; a bug is
+        # recorded too, then re-raised (like Optuna's catch=()).
+        rec = TrialRecord(**base, state="FAIL", reason=_reason(e), traceback=_traceback(e),
+                          duration_s=time.monotonic() - t0)
+        if not _expected(e):
+            log.error("trial %d: unexpected %s (a bug, not a trial failure); recorded as failed, stopping",
+                      trial.number, rec.reason)
+            _finish(ctx, trial, rec)
+            raise
+        log.warning("trial %d failed: %s", trial.number, rec.reason, exc_info=e)
     rec = rec.model_copy(update={"duration_s": time.monotonic() - t0})
     _finish(ctx, trial, rec)
     return rec
@@ -480,7 +565,8 @@ def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rund
         chosen_variant=chosen_variant,
         chosen_path=chosen_path, export_command=export,
         unreachable=None if chosen else pareto.unreachable(recs, scheme, spec.target, spec.max_drop),
-        interrupted=interrupted, estimated=any(r.estimated for r in rows), duration_s=duration_s,
+        interrupted=interrupted, stop_reason=study.user_attrs.get(STOP_REASON_ATTR),
+        estimated=any(r.estimated for r in rows), duration_s=duration_s,
     )
     try:
 

@@ -247,8 +247,12 @@ def test_absolute_scheme_minimises_joules_per_token(tmp_path):
 
 
 def test_timeout_stops_early(tmp_path):
-    res = search(make_spec(tmp_path, n_trials=50, timeout_s=0.2), runner=FakeRunner(sleep_s=0.1))
-    assert 1 <= sum(res.counts.values()) < 50
+    # the limit counts from the start of search(): opening the sqlite study alone takes ~0.2 s
+    spec = make_spec(tmp_path, n_trials=50, timeout_s=1.0)
+    res = search(spec, runner=FakeRunner(sleep_s=0.1))
+    ran = sum(res.counts.values())
+    assert 1 <= ran < 50
+    assert load(spec).user_attrs["greenopt.stop_reason"] == f"time limit of 1 s reached after {ran} trials"
 
 
 def test_unknown_target_is_a_config_error(tmp_path):
@@ -298,3 +302,100 @@ def test_warm_start_is_enqueued_once_and_cut_to_the_budget(tmp_path):
     search(spec.model_copy(update={"n_trials": 5}), runner=FakeRunner(), resume=True, force=True)
     study = load(spec)
     assert len(study.trials) == 5 and not any(t.state == TrialState.WAITING for t in study.trials)
+
+
+# ---------------------------------------------------------------------------- failure policy, budget, summary
+
+
+def _always(exc):
+    return lambda v: None if v.is_baseline else exc
+
+
+def test_expected_failures_keep_their_traceback(tmp_path, caplog):
+    errors = iter([RuntimeError("kernel broke"), MemoryError("no RAM")])
+    spec = make_spec(tmp_path, n_trials=5)
+    with caplog.at_level("WARNING", logger="greenopt.search"):
+        res = search(spec, runner=FakeRunner(fail=lambda v: None if v.is_baseline else next(errors, None)))
+    fails = [r for r in records(load(spec)) if r.state == "FAIL"]
+    assert [f.reason for f in fails] == ["RuntimeError: kernel broke", "out of memory: no RAM"]
+    for f, text in zip(fails, ("RuntimeError: kernel broke", "MemoryError: no RAM")):
+        assert f.traceback.startswith("Traceback") and "testing_search.py" in f.traceback and text in f.traceback
+    logged = [r for r in caplog.records if r.getMessage().startswith("trial ") and "failed" in r.getMessage()]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)
+    assert res.counts["FAIL"] == 2 and sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 5
+
+
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand"), AttributeError("no attr 'x'"),
+                                 KeyError("layer"), AssertionError("shape"), NotImplementedError("todo")])
+def test_a_bug_in_the_runner_is_raised_after_recording_the_trial(tmp_path, bug):
+    spec = make_spec(tmp_path, n_trials=8)
+    with pytest.raises(type(bug)):
+        search(spec, runner=FakeRunner(fail=_always(bug)))
+    study = load(spec)
+    assert len(study.trials) == 2  # the baseline, then the trial that hit the bug: nothing after it
+    last = study.trials[-1]
+    rec = pareto.TrialRecord.model_validate(last.user_attrs["record"])
+    assert last.state == TrialState.FAIL and rec.state == "FAIL" and rec.reason.startswith(type(bug).__name__)
+    assert type(bug).__name__ in rec.traceback and json.loads(run_dir(spec).trial_path(1).read_text())["traceback"]
+    assert study.user_attrs["greenopt.stop_reason"].startswith("stopped by an unexpected error in trial 1")
+
+
+def test_three_identical_failures_stop_the_search(tmp_path):
+    spec = make_spec(tmp_path, n_trials=10)
+    with pytest.raises(GreenoptError, match=r"3 identical failures.*RuntimeError: cuBLAS failed.*--resume"):
+        search(spec, runner=FakeRunner(fail=_always(RuntimeError("cuBLAS failed"))))
+    study = load(spec)
+    assert len(study.trials) == 4 and [t.state for t in study.trials[1:]] == [TrialState.FAIL] * 3
+    assert study.user_attrs["greenopt.stop_reason"] == "stopped after 3 identical failures (RuntimeError: cuBLAS failed)"
+    result = json.loads(run_dir(spec).result.read_text())  # what ran is still written
+    assert result["counts"]["FAIL"] == 3 and result["baseline"] is not None
+    assert "in the 4 trials that ran" in result["unreachable"]["message"]
+    assert "failed (RuntimeError x3)" in result["unreachable"]["message"]
+    res = search(spec, runner=FakeRunner(), resume=True)  # fixed: the run goes on
+    assert sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 10
+
+
+def test_different_failures_in_a_row_do_not_stop_the_search(tmp_path):
+    errors = iter([RuntimeError("a"), RuntimeError("a"), RuntimeError("b"), RuntimeError("a"), RuntimeError("a")])
+    spec = make_spec(tmp_path, n_trials=7)
+    res = search(spec, runner=FakeRunner(fail=lambda v: None if v.is_baseline else next(errors, None)))
+    assert res.counts["FAIL"] == 5 and load(spec).user_attrs["greenopt.stop_reason"] == "budget of 7 trials used"
+
+
+class SlowPrepare(FakeRunner):
+    def prepare(self, progress=None):
+        import time
+
+        time.sleep(1.2)
+        super().prepare(progress)
+
+
+def test_time_limit_covers_loading_the_model(tmp_path):
+    spec = make_spec(tmp_path, n_trials=20, timeout_s=1.0)
+    res = search(spec, runner=SlowPrepare(sleep_s=0.05))
+    assert sum(res.counts.values()) == 0 and res.duration_s >= 1.2
+    assert load(spec).user_attrs["greenopt.stop_reason"] == "time limit of 1 s reached after 0 trials"
+    assert "No trial was fully measured" in res.unreachable.message
+
+
+def test_summary_says_what_ran_and_why_it_stopped(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from greenopt.cli_more import render_outcome
+    from greenopt.search import SearchResult
+
+    spec = make_spec(tmp_path, target="A", max_drop=0.0, n_trials=8)
+    errors = iter([RuntimeError("x")] * 3)
+    with pytest.raises(GreenoptError):
+        search(spec, runner=FakeRunner(fail=lambda v: None if v.is_baseline else next(errors, None)))
+    res = SearchResult.model_validate_json(run_dir(spec).result.read_text())
+    if "stop_reason" not in SearchResult.model_fields:  # until SearchResult carries it
+        object.__setattr__(res, "stop_reason", load(spec).user_attrs["greenopt.stop_reason"])
+    buf = io.StringIO()
+    render_outcome(res, Console(file=buf, width=400, color_system=None))
+    text = buf.getvalue()
+    assert "4 of 8 trials ran" in text and "within 8" not in text
+    assert "stopped: stopped after 3 identical failures (RuntimeError: x)" in text
+    assert "not reached: No variant reached class A" in text and "in the 4 trials that ran" in text
