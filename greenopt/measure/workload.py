@@ -42,7 +42,7 @@ import torch
 
 from greenopt.config import Protocol
 from greenopt.errors import ConfigError, MeterError
-from greenopt.measure import stats
+import greenopt.measure.stats as stats
 from greenopt.measure.base import Meter
 from greenopt.records import (TIER_ORDER, Comparison, DeviceInfo, EnergyMeasurement, Tier,
                               TrialFigures, WindowResult, downgrade)
