@@ -21,7 +21,14 @@ import torch
 from pydantic import Field
 
 from greenopt.compress import apply
-from greenopt.config import CalibSpec, EvalSpec, Protocol, Strict, Variant, protocol_preset
+from greenopt.config import (
+    CalibSpec,
+    EvalSpec,
+    Protocol,
+    Strict,
+    Variant,
+    protocol_preset,
+)
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme

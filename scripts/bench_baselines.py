@@ -37,11 +37,30 @@ import time
 import warnings
 
 import torch
+from benchlib import (
+    DequantizedTwin,
+    Point,
+    group_near,
+    mean_accuracy,
+    plot_png,
+    twinnable,
+    verdict,
+)
 
 from greenopt import __version__
-from greenopt.bench import DequantizedTwin, Point, group_near, mean_accuracy, plot_png, twinnable, verdict
-from greenopt.config import (CalibSpec, DepthStep, EvalSpec, FidelitySpec, MoefyStep, PruneStep, QuantizeStep,
-                             SearchSpec, SpaceSpec, Variant, protocol_preset)
+from greenopt.config import (
+    CalibSpec,
+    DepthStep,
+    EvalSpec,
+    FidelitySpec,
+    MoefyStep,
+    PruneStep,
+    QuantizeStep,
+    SearchSpec,
+    SpaceSpec,
+    Variant,
+    protocol_preset,
+)
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import grade_comparison, load_scheme
 from greenopt.measure.select import select_meter
@@ -147,7 +166,7 @@ def main(argv=None) -> int:
 def _energy(store, key, kind, variant, base, live, tok, protocol, meter, scheme, log, target=None) -> None:
     from greenopt.compress import apply
     from greenopt.compress.accounting import weight_bytes
-    from greenopt.pareto import describe
+    from greenopt.search.pareto import describe
 
     t0 = time.monotonic()
     cand = live.get(key)
@@ -223,9 +242,9 @@ def _reached(store, scheme) -> list[str]:
 
 def _search(args, reached, base, tok, meter, scheme, tasks, log):
     """One search aimed at the best reached class; every reached class selected from its trials."""
-    from greenopt import pareto
-    from greenopt.runner import TransformersRunner
-    from greenopt.search import open_study, records, search
+    from greenopt.search import pareto, records, search
+    from greenopt.search.runner import TransformersRunner
+    from greenopt.search.storage import open_study
 
     spec = SearchSpec(
         model=args.model, target=reached[0], n_trials=args.budget, seed=args.seed, sampler="tpe",
@@ -343,7 +362,7 @@ def _better_or_equal(scheme, letter: str, target: str) -> bool:
 def _write(path: str, text: str) -> None:
     from pathlib import Path
 
-    from greenopt.rundir import write_text
+    from greenopt._io import write_text
 
     write_text(Path(path), text)
 

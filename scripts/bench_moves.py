@@ -20,10 +20,19 @@ import time
 
 import torch
 
-from greenopt import data
+from greenopt import offline
 from greenopt.compress import apply
-from greenopt.config import (DepthStep, EvalSpec, MoefyStep, PruneStep, QuantizeStep, Target, Variant,
-                             WidthStep, protocol_preset)
+from greenopt.config import (
+    DepthStep,
+    EvalSpec,
+    MoefyStep,
+    PruneStep,
+    QuantizeStep,
+    Target,
+    Variant,
+    WidthStep,
+    protocol_preset,
+)
 from greenopt.evaluate import evaluate
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare
@@ -58,7 +67,7 @@ MOVES: dict[str, list[tuple[str, Variant]]] = {
 @torch.inference_mode()
 def perplexity(model, tok, max_tokens: int = 4096, window: int = 512) -> float:
     """Token perplexity over the first ``max_tokens`` of the held-aside Wikipedia split."""
-    ids = tok("\n\n".join(data.wiki_split("perplexity")), return_tensors="pt").input_ids[0][:max_tokens]
+    ids = tok("\n\n".join(offline.wiki_split("perplexity")), return_tensors="pt").input_ids[0][:max_tokens]
     nll, n = 0.0, 0
     for i in range(0, ids.numel() - 1, window):
         chunk = ids[i:i + window + 1].unsqueeze(0)

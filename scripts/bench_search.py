@@ -1,6 +1,6 @@
 """Benchmark greenopt's sampler against random search on a pool of cached trial results.
 
-The pool is the deterministic SURROGATE of ``greenopt.testing_search`` (FakeRunner's
+The pool is the deterministic SURROGATE of ``greenopt.testing.search`` (FakeRunner's
 accuracy/energy model, shaped after ENERGY.md §1), evaluated over the default search space
 for a 30-layer model (the default SmolLM2-135M's depth) and cached by variant hash. It is
 not a set of measurements: it compares how fast samplers find a good front on a fixed,
@@ -31,10 +31,10 @@ import optuna
 
 from greenopt.config import SearchSpec, SpaceSpec
 from greenopt.label import load_scheme
-from greenopt.pareto import hypervolume, target_bound
-from greenopt.search import make_sampler
-from greenopt.space import baseline_params, sample
-from greenopt.testing_search import BASE_ACCURACY, CHANCE, surrogate
+from greenopt.search.pareto import hypervolume, target_bound
+from greenopt.search.space import baseline_params, sample
+from greenopt.search.storage import make_sampler
+from greenopt.testing.search import BASE_ACCURACY, CHANCE, surrogate
 
 NUM_LAYERS = 30
 REF = (sum(CHANCE.values()) / len(CHANCE), 110.0)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from greenopt import data
+from greenopt import offline
 from greenopt.compress import ApplyContext, accounting, apply
 from greenopt.config import CalibSpec, QuantizeStep, QuantOverride, Target, Variant
 from greenopt.models import load_model
@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     _, tok, _ = load_model("default")
-    ids = tok("\n\n".join(data.wiki_split("perplexity")), return_tensors="pt").input_ids[0][: args.tokens + 1]
+    ids = tok("\n\n".join(offline.wiki_split("perplexity")), return_tensors="pt").input_ids[0][: args.tokens + 1]
     calib = CalibSpec(samples=args.calib_samples, seq_len=128)
     print(f"perplexity on {ids.numel() - 1} held-aside tokens; gptq calibration {calib.samples}x{calib.seq_len}")
     print(f"| variant | bits/weight (layers) | weight MB | perplexity | time s |\n|---|---|---|---|---|")

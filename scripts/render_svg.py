@@ -46,9 +46,18 @@ def render_png(svg: Path, png: Path, scale: float = 2.0) -> Path:
 
 def example_card(kind: str):
     """A label card from fixed illustrative figures (not a measurement)."""
-    from greenopt.label.card import RuntimeInfo, build_card
-    from greenopt.records import (ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult,
-                                  StepReport, TaskScore, TrialFigures)
+    from greenopt.label.card import build_card
+    from greenopt.records import (
+        ApplyReport,
+        Comparison,
+        DeviceInfo,
+        EnergyMeasurement,
+        EvalResult,
+        RuntimeInfo,
+        StepReport,
+        TaskScore,
+        TrialFigures,
+    )
 
     if kind == "m1":
         dev = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", meter="nvml",

@@ -1,4 +1,4 @@
-"""greenopt.bench: the dequantized twin, accuracy means, dominance verdicts and the plot."""
+"""benchlib: the dequantized twin, accuracy means, dominance verdicts and the plot."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import math
 
 import pytest
 import torch
+from benchlib import (
+    DequantizedTwin,
+    Point,
+    dominance,
+    group_near,
+    mean_accuracy,
+    plot_png,
+    twinnable,
+    verdict,
+)
 
-from greenopt.bench import (DequantizedTwin, Point, dominance, group_near, mean_accuracy, plot_png, twinnable,
-                            verdict)
 from greenopt.compress import apply
 from greenopt.config import DepthStep, QuantizeStep, QuantOverride, Target, Variant
 from greenopt.records import TaskScore

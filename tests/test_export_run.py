@@ -8,11 +8,11 @@ import pytest
 from greenopt.compress import apply
 from greenopt.config import CalibSpec, DepthStep, SearchSpec, Variant, dump_yaml
 from greenopt.errors import ConfigError
-from greenopt.export import export_run, load_manifest
 from greenopt.label import grade_comparison, load_scheme
 from greenopt.label.card import load_card
-from greenopt.pareto import TrialRecord
-from greenopt.rundir import RunDir
+from greenopt.records import TrialRecord
+from greenopt.search.rundir import RunDir
+from greenopt.ship import export_run, load_manifest
 from greenopt.testing import tiny_llama, tiny_tokenizer
 
 CALIB = CalibSpec(samples=4, seq_len=32)

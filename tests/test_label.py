@@ -7,8 +7,15 @@ import math
 import pytest
 
 from greenopt.errors import ConfigError
-from greenopt.label import (DEFAULT_GRID_G_PER_KWH, LabelScheme, carbon_g_per_1k_tokens, grade,
-                            grade_comparison, grade_measurement, load_scheme)
+from greenopt.label import (
+    DEFAULT_GRID_G_PER_KWH,
+    LabelScheme,
+    carbon_g_per_1k_tokens,
+    grade,
+    grade_comparison,
+    grade_measurement,
+    load_scheme,
+)
 from greenopt.records import Comparison, DeviceInfo, EnergyMeasurement, TrialFigures
 
 EU = load_scheme("relative-eu")

@@ -8,9 +8,18 @@ import pytest
 
 from greenopt.config import DepthStep, Variant
 from greenopt.label import grade, load_scheme
-from greenopt.pareto import (TrialRecord, constraint_values, describe, feasible, front, hypervolume, reaches,
-                             select, target_bound, unreachable)
-from greenopt.records import EvalResult, TaskScore
+from greenopt.records import EvalResult, TaskScore, TrialRecord
+from greenopt.search.pareto import (
+    constraint_values,
+    describe,
+    feasible,
+    front,
+    hypervolume,
+    reaches,
+    select,
+    target_bound,
+    unreachable,
+)
 
 EU = load_scheme("relative-eu")
 

@@ -74,7 +74,7 @@ def _work(url: str, study: str, device: str, sleep_s: float, runs_dir: str) -> l
     import optuna
 
     from greenopt.search import worker
-    from greenopt.testing_search import FakeRunner
+    from greenopt.testing.search import FakeRunner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recs = worker(url, study, runner=FakeRunner(device_name=device, sleep_s=sleep_s), runs_dir=runs_dir)

@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from greenopt import space as sp
 from greenopt.config import SearchSpec, SpaceSpec, load_variant
+from greenopt.config.recipe import Recipe, dump_recipe, load_recipe
 from greenopt.errors import ConfigError
-from greenopt.recipe import Recipe, dump_recipe, load_recipe
-from greenopt.recipe_checks import _layers_needed, _twin_groups, corner_params, sample_variant, tiny_twin
+from greenopt.search import space as sp
 from greenopt.validate import validate_file
+from greenopt.validate.dry_run import (
+    _layers_needed,
+    _twin_groups,
+    corner_params,
+    sample_variant,
+    tiny_twin,
+)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # Every recipe file under recipes/: label schemes (labels/) and the variant files recipes point

@@ -7,13 +7,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from greenopt import pareto
 from greenopt.config import FidelitySpec, SearchSpec, SpaceSpec, Variant, load_variant
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import load_scheme
-from greenopt.rundir import run_dir
-from greenopt.search import SPEC_ATTR, make_sampler, prepare_study, records, render_front, search, to_json, worker
-from greenopt.testing_search import FakeRunner
+from greenopt.report.plot import render_front
+from greenopt.search import pareto, prepare_study, records, search, to_json, worker
+from greenopt.search.rundir import run_dir
+from greenopt.search.storage import SPEC_ATTR, make_sampler
+from greenopt.testing.search import FakeRunner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 EU = load_scheme("relative-eu")
@@ -46,7 +47,7 @@ def with_plots():
 def no_plots(request, monkeypatch):
     """Plots cost ~0.5 s per search; only tests requesting ``with_plots`` draw them."""
     if "with_plots" not in request.fixturenames:
-        monkeypatch.setattr("greenopt.plot.write_plots", lambda *a, **k: {})
+        monkeypatch.setattr("greenopt.report.plot.write_plots", lambda *a, **k: {})
 
 
 def make_spec(tmp_path, **kw):
@@ -208,8 +209,8 @@ def test_unreachable_target_is_reported_plainly(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random"])
 def test_every_sampler_is_seeded(sampler):
-    from greenopt.space import baseline_params, sample
-    from greenopt.testing_search import surrogate
+    from greenopt.search.space import baseline_params, sample
+    from greenopt.testing.search import surrogate
 
     def run():
         spec = SearchSpec(sampler=sampler, n_trials=12, space=SMALL, seed=3)
@@ -281,7 +282,7 @@ def test_constraints_can_be_kept_from_the_sampler(tmp_path):
 
 
 def test_warm_start_tries_each_single_move_right_after_the_baseline(tmp_path):
-    from greenopt.space import build, single_moves
+    from greenopt.search.space import build, single_moves
 
     spec = make_spec(tmp_path, n_trials=9, warm_start=True)
     singles = [build(p, spec.space, 12) for p in single_moves(spec.space, 12)]
@@ -319,7 +320,7 @@ def test_expected_failures_keep_their_traceback(tmp_path, caplog):
     fails = [r for r in records(load(spec)) if r.state == "FAIL"]
     assert [f.reason for f in fails] == ["RuntimeError: kernel broke", "out of memory: no RAM"]
     for f, text in zip(fails, ("RuntimeError: kernel broke", "MemoryError: no RAM")):
-        assert f.traceback.startswith("Traceback") and "testing_search.py" in f.traceback and text in f.traceback
+        assert f.traceback.startswith("Traceback") and "testing/search.py" in f.traceback and text in f.traceback
     logged = [r for r in caplog.records if r.getMessage().startswith("trial ") and "failed" in r.getMessage()]
     assert len(logged) == 2 and all(r.exc_info for r in logged)
     assert res.counts["FAIL"] == 2 and sum(res.counts[s] for s in ("COMPLETE", "PRUNED", "FAIL")) == 5
@@ -383,8 +384,8 @@ def test_summary_says_what_ran_and_why_it_stopped(tmp_path):
 
     from rich.console import Console
 
-    from greenopt.cli_more import render_outcome
-    from greenopt.search import SearchResult
+    from greenopt.cli.search import render_outcome
+    from greenopt.records import SearchResult
 
     spec = make_spec(tmp_path, target="A", max_drop=0.0, n_trials=8)
     errors = iter([RuntimeError("x")] * 3)

@@ -7,7 +7,7 @@ import pytest
 
 from greenopt.config import QuantizeStep, SpaceSpec, Variant, parse_layers, validated
 from greenopt.errors import ConfigError
-from greenopt.space import baseline_params, build, dims, layer_groups, sample
+from greenopt.search.space import baseline_params, build, dims, layer_groups, sample
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -130,7 +130,7 @@ def test_sampled_variants_pass_the_handlers_checks():
 def test_moefied_ffn_is_left_unquantized_so_overrides_always_match():
     from greenopt.compress import apply
     from greenopt.config import SpaceSpec
-    from greenopt.space import build
+    from greenopt.search.space import build
     from greenopt.testing import tiny_llama, tiny_tokenizer
 
     spec = SpaceSpec(bits=(16, 4), methods=("rtn",), group_size=32, layer_groups=2, prune=(),
@@ -144,7 +144,7 @@ def test_moefied_ffn_is_left_unquantized_so_overrides_always_match():
 
 
 def test_single_moves_are_one_move_each_on_the_grid_and_mildest_first():
-    from greenopt.space import single_moves
+    from greenopt.search.space import single_moves
 
     spec = SpaceSpec(bits=(8, 4), methods=("hqq", "rtn"), prune=("unstructured", "2:4"), sparsity=(0.1, 0.5),
                      depth_drop_max=0.25, ffn_keep_min=0.5, moefy_experts=(8,), moefy_top_k=(1, 2))
@@ -161,7 +161,7 @@ def test_single_moves_are_one_move_each_on_the_grid_and_mildest_first():
 
 
 def test_a_space_with_nothing_to_move_has_no_single_moves():
-    from greenopt.space import single_moves
+    from greenopt.search.space import single_moves
 
     spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1)
     assert single_moves(spec, 30) == []

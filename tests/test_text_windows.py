@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from greenopt import data
+from greenopt import offline
 from greenopt.compress import calibration
 from greenopt.compress.calibration import calibration_batch, text_windows
 from greenopt.config import CalibSpec
@@ -53,9 +53,9 @@ def test_calibration_batch_carries_bos():
 
 
 def test_quick_look_scores_held_aside_text_not_calibration_text(monkeypatch):
-    from greenopt import runner
+    from greenopt.search import runner
 
     seen = []
     monkeypatch.setattr(runner, "text_windows", lambda tok, arts, n, t: seen.append(arts) or "windows")
     assert runner._perplexity_windows(_tok(bos=True), 2, 8) == "windows"
-    assert seen == [data.wiki_split("perplexity")] and seen[0] != data.wiki_split("calibration")
+    assert seen == [offline.wiki_split("perplexity")] and seen[0] != offline.wiki_split("calibration")

@@ -6,10 +6,18 @@ import math
 
 import pytest
 
-from greenopt.label.card import build_card
 from greenopt.config import DepthStep, Variant, protocol_preset
-from greenopt.records import Comparison, DeviceInfo, EnergyMeasurement, EvalResult, TaskScore, TrialFigures
-from greenopt.verify import GateResult, VerifySpec, check_gate, task_drop, verify
+from greenopt.label.card import build_card
+from greenopt.records import (
+    Comparison,
+    DeviceInfo,
+    EnergyMeasurement,
+    EvalResult,
+    GateResult,
+    TaskScore,
+    TrialFigures,
+)
+from greenopt.ship.gate import VerifySpec, check_gate, task_drop, verify
 
 DEVICE = DeviceInfo(kind="cpu", name="test cpu", meter="fake", boundary="fake meter (tests only)")
 RUNTIME = dict(torch="2", transformers="5", attention="sdpa", dtype="float32", batch_size=1,
@@ -161,7 +169,7 @@ def test_every_failure_is_listed_first_is_the_reason():
 @pytest.fixture(scope="module")
 def base_and_export(tmp_path_factory):
     from greenopt.compress import apply
-    from greenopt.export import ExportProvenance, export
+    from greenopt.ship import ExportProvenance, export
     from greenopt.testing import tiny_llama, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("verify")
@@ -198,9 +206,9 @@ def test_verify_export_with_a_card_uses_its_recorded_schemes_and_tasks(base_and_
 
 
 def test_verify_refuses_another_protocol_before_measuring(base_and_export, monkeypatch):
-    import greenopt.verify
+    import greenopt.ship.gate
 
-    monkeypatch.setattr(greenopt.verify, "assess", lambda *a, **k: pytest.fail("must not measure"))
+    monkeypatch.setattr(greenopt.ship.gate, "assess", lambda *a, **k: pytest.fail("must not measure"))
     r = verify(VerifySpec(source=str(base_and_export / "export"), target="G", protocol="cpu", tasks=()))
     assert not r.passed and r.reason.startswith("protocol changed: asked to measure under GO-1/b1/p64-n32")
     assert r.card is None
@@ -216,7 +224,7 @@ def test_verify_needs_tasks_for_a_budget(base_and_export):
 
 def test_verify_recipe_gates_the_model_apply_ships(tmp_path, monkeypatch):
     """The recipe's calibration reaches assess, so a calibrated move is fitted as apply fits it."""
-    import greenopt.verify
+    import greenopt.ship.gate
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nmodel: default\nvariant:\n  steps:\n  - {kind: depth, drop: 1}\n"
@@ -231,7 +239,7 @@ def test_verify_recipe_gates_the_model_apply_ships(tmp_path, monkeypatch):
         seen.append(spec)
         raise Stop
 
-    monkeypatch.setattr(greenopt.verify, "assess", fake_assess)
+    monkeypatch.setattr(greenopt.ship.gate, "assess", fake_assess)
     with pytest.raises(Stop):
         verify(VerifySpec(source=str(recipe)))
     assert seen[0].calib.model_dump() == {"samples": 7, "seq_len": 64, "seed": 5}

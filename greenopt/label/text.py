@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from greenopt.label import Grade
-    from greenopt.label.card import TaskLine
+    from greenopt.records import Grade, TaskLine
 
 
 def num(x: float | None, unit: str = "") -> str:

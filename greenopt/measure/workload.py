@@ -40,12 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import greenopt.measure.stats as stats
 from greenopt.config import Protocol
 from greenopt.errors import ConfigError, MeterError
-import greenopt.measure.stats as stats
 from greenopt.measure.base import Meter
-from greenopt.records import (TIER_ORDER, Comparison, DeviceInfo, EnergyMeasurement, Tier,
-                              TrialFigures, WindowResult, downgrade)
+from greenopt.records import (
+    TIER_ORDER,
+    Comparison,
+    DeviceInfo,
+    EnergyMeasurement,
+    Tier,
+    TrialFigures,
+    WindowResult,
+    downgrade,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import optuna
 import pytest
 
 from greenopt.config import EvalSpec, FidelitySpec, SearchSpec, SpaceSpec, load_variant
-from greenopt.runner import TransformersRunner
 from greenopt.search import records, search
+from greenopt.search.runner import TransformersRunner
 from greenopt.testing import FakeMeter, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.integration

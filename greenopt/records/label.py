@@ -1,0 +1,129 @@
+"""Frozen outputs of grading and labelling: the grade of one figure and the label card."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from greenopt.config.label import LabelScheme, Metric
+from greenopt.config.protocol import Tier
+from greenopt.records._base import Record
+from greenopt.records.measure import DeviceInfo
+
+
+class Grade(Record):
+    """A value placed on a scheme, with its interval, tier and the text to print.
+
+    ``letter`` is the class of the point value; ``letter_range`` holds the letters of the
+    interval ends (one entry when both ends share a class); ``worst_letter`` is the worse
+    end's class. ``estimated`` grades (tier E1) never print a plain letter.
+    """
+
+    scheme: str
+    scheme_version: int
+    metric: Metric
+    value: float
+    interval: tuple[float, float]
+    letter: str
+    letter_range: tuple[str, ...]
+    worst_letter: str
+    tier: Tier
+    estimated: bool
+    display: str
+
+
+class VariantInfo(Record):
+    """The variant on the label: name, step hash and what its steps changed."""
+
+    name: str
+    hash: str
+    steps: tuple[str, ...] = ()
+    params_before: int | None = None
+    params_after: int | None = None
+    weight_bytes_before: int | None = None
+    weight_bytes_after: int | None = None
+
+
+class EnergySummary(Record):
+    """GO-1 figures of one model, as printed on the card (J, W, s)."""
+
+    joules_per_token: float
+    joules_per_token_ci: tuple[float, float]
+    decode_joules_per_token: float | None
+    prefill_joules_per_prompt_token: float | None
+    tokens_per_s: float
+    mean_power_w: float
+    idle_power_w: float | None
+    tier: Tier
+    source_tier: Tier
+    trials: int
+    cv: float
+    flags: tuple[str, ...] = ()
+
+
+class RuntimeInfo(Record):
+    """The runtime the figures hold for: library versions, attention, dtype and workload."""
+
+    torch: str
+    transformers: str
+    attention: str
+    dtype: str
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    libraries: dict[str, str] = {}
+
+
+class TaskLine(Record):
+    """Accuracy on one task beside the baseline; ``drop`` > 0 means the variant is worse."""
+
+    task: str
+    metric: str
+    value: float
+    baseline: float
+    drop: float
+    higher_is_better: bool
+    n: int
+    stderr: float | None = None
+
+
+class CarbonLine(Record):
+    """gCO2e per 1000 generated tokens of the variant at the stated grid intensity."""
+
+    g_per_1k_tokens: float
+    intensity_g_per_kwh: float
+    estimated: bool
+
+
+class LabelCard(Record):
+    """Everything a label states; JSON round-trips through :func:`load_card`."""
+
+    card_version: Literal[1] = 1
+    model_id: str
+    variant: VariantInfo
+    relative: Grade
+    relative_scheme: LabelScheme
+    absolute: Grade | None
+    absolute_scheme: LabelScheme | None
+    absolute_note: str | None
+    candidate: EnergySummary
+    baseline: EnergySummary
+    tier: Tier
+    device: DeviceInfo
+    runtime: RuntimeInfo
+    protocol_id: str
+    accuracy: tuple[TaskLine, ...]
+    eval_limit: int | None
+    eval_seed: int
+    carbon: CarbonLine
+    date: str
+    greenopt_version: str
+
+    @property
+    def estimated(self) -> bool:
+        """True when the label's letter comes from an E1 estimate (never a plain letter)."""
+        return self.relative.estimated
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Failed validity checks of either measurement (empty: all checks passed)."""
+        return tuple(dict.fromkeys(self.candidate.flags + self.baseline.flags))

@@ -1,0 +1,152 @@
+"""Frozen outputs: device facts, energy measurements, evaluation results, move reports.
+
+Units are in field names (``energy_j``, ``duration_s``, ``power_w``). Every energy figure
+carries its tier (``M1`` counter, ``M2`` sampled power, ``E1`` estimate), the device and
+measurement boundary, and the protocol id, so nothing greenopt prints is unattributed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from greenopt.config.protocol import TIER_ORDER, Tier
+from greenopt.records._base import Record
+
+
+class DeviceInfo(Record):
+    """What was measured and where the measurement boundary lies."""
+
+    kind: Literal["cuda", "cpu"]
+    name: str
+    meter: str  # "nvml", "nvml-sampled", "rapl", "estimate", "fake"
+    boundary: str  # e.g. "GPU board (NVML)", "CPU package + DRAM (RAPL)"
+    driver: str | None = None
+    power_limit_w: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+class WindowResult(Record):
+    """Energy over one meter window."""
+
+    energy_j: float
+    duration_s: float
+    tier: Tier
+    flags: tuple[str, ...] = ()  # e.g. "short-window", "counter-not-monotonic"
+
+
+class TrialFigures(Record):
+    """One protocol trial: a run of prompts until the trial's minimum time and tokens."""
+
+    energy_j: float
+    duration_s: float
+    generated_tokens: int
+    prompt_tokens: int
+
+    @property
+    def joules_per_token(self) -> float:
+        return self.energy_j / self.generated_tokens
+
+
+class EnergyMeasurement(Record):
+    """Protocol GO-1 figures for one model on one device. Statistic: median over trials.
+
+    ``tier`` is the effective tier after validity checks (a failed check downgrades it one
+    step; ``flags`` says which check failed).
+    """
+
+    joules_per_token: float
+    joules_per_token_ci: tuple[float, float]
+    trials: tuple[TrialFigures, ...]
+    decode_joules_per_token: float | None = None
+    prefill_joules_per_prompt_token: float | None = None
+    tokens_per_s: float
+    mean_power_w: float
+    idle_power_w: float | None = None
+    cv: float
+    tier: Tier
+    source_tier: Tier
+    device: DeviceInfo
+    protocol_id: str
+    flags: tuple[str, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return not self.flags
+
+
+class Comparison(Record):
+    """A candidate measured against its baseline in the same run (A B A B ...).
+
+    EEI = 100 x E_tok(candidate) / E_tok(baseline); ``eei_ci`` is a bootstrap 95% interval.
+    """
+
+    eei: float
+    eei_ci: tuple[float, float]
+    baseline: EnergyMeasurement
+    candidate: EnergyMeasurement
+
+    @property
+    def tier(self) -> Tier:
+        """The worse of the two tiers: a ratio is only as good as its weaker side."""
+        return max(self.baseline.tier, self.candidate.tier, key=TIER_ORDER.index)
+
+
+class TaskScore(Record):
+    """Accuracy (or perplexity) on one task. ``higher_is_better`` tells how to compare."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None = None
+    n: int
+    higher_is_better: bool = True
+
+
+class EvalResult(Record):
+    """lm-eval results for one model: one score per task, with the subset used."""
+
+    scores: tuple[TaskScore, ...]
+    limit: int | None
+    seed: int
+
+    def score(self, task: str) -> TaskScore:
+        for s in self.scores:
+            if s.task == task:
+                return s
+        raise KeyError(task)
+
+    @property
+    def mean_accuracy(self) -> float:
+        """Mean over higher-is-better scores (perplexities excluded)."""
+        acc = [s.value for s in self.scores if s.higher_is_better]
+        return sum(acc) / len(acc) if acc else float("nan")
+
+
+class StepReport(Record):
+    """What one compression step really changed."""
+
+    kind: str
+    summary: str
+    modules: int
+    params_before: int
+    params_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    fast_kernel: bool | None = None  # None: not applicable
+    notes: tuple[str, ...] = ()
+
+
+class ApplyReport(Record):
+    """What a whole variant changed, for the card and the search table."""
+
+    variant_hash: str
+    steps: tuple[StepReport, ...]
+    params_before: int
+    params_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    bits_per_layer: dict[str, float]
+    sparsity: float
+    flops_per_token_before: int
+    flops_per_token_after: int
+    fast_kernel: bool | None

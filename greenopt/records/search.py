@@ -1,0 +1,175 @@
+"""Frozen outputs of a search: the quick look and full outcome of a trial, its stored record,
+the rows of the front, the unreachable report and the search result."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from greenopt.config import Variant
+from greenopt.records._base import Record
+from greenopt.records.label import Grade
+from greenopt.records.measure import ApplyReport, Comparison, EvalResult
+
+
+class QuickLook(Record):
+    """The cheap first look: held-aside perplexity and, optionally, a short energy comparison."""
+
+    perplexity: float | None = None
+    baseline_perplexity: float | None = None
+    comparison: Comparison | None = None
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        if self.perplexity is None or not self.baseline_perplexity:
+            return None
+        return self.perplexity / self.baseline_perplexity
+
+
+class RunOutcome(Record):
+    """What one trial measured. ``pruned`` is the cut's reason when the trial stopped early."""
+
+    apply: ApplyReport | None = None
+    quick: QuickLook | None = None
+    pruned: str | None = None
+    eval: EvalResult | None = None
+    comparison: Comparison | None = None
+    durations_s: dict[str, float] = {}
+
+
+State = Literal["COMPLETE", "PRUNED", "FAIL"]
+
+
+class TrialRecord(Record):
+    """One search trial as stored in the study (user attr ``record``) and in ``trials/NNNNN.json``.
+
+    ``energy`` and ``energy_ci`` are the minimised objective in the scheme's metric (EEI, or
+    J/token); ``constraint`` holds the values given to the sampler (<= 0 is feasible).
+    ``lost`` trials (Ctrl-C, a dead worker) do not count against the budget.
+    """
+
+    number: int
+    state: State
+    variant: Variant
+    variant_hash: str
+    params: dict[str, Any] = {}
+    is_baseline: bool = False
+    reason: str | None = None
+    traceback: str | None = None
+    lost: bool = False
+    cached_from: int | None = None
+    apply: ApplyReport | None = None
+    quick: QuickLook | None = None
+    eval: EvalResult | None = None
+    baseline_accuracy: float | None = None
+    comparison: Comparison | None = None
+    grade: Grade | None = None
+    energy: float | None = None
+    energy_ci: tuple[float, float] | None = None
+    constraint: tuple[float, ...] = ()
+    device: str = ""
+    worker: str = ""
+    started: str = ""
+    duration_s: float = 0.0
+    durations_s: dict[str, float] = {}
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        return self.eval.mean_accuracy if self.eval is not None else None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Baseline mean accuracy minus this trial's (positive = a loss)."""
+        if self.mean_accuracy is None or self.baseline_accuracy is None:
+            return None
+        return self.baseline_accuracy - self.mean_accuracy
+
+    @property
+    def energy_worst(self) -> float | None:
+        """The worse (higher) end of the energy figure: the one a label must count."""
+        if self.energy is None:
+            return None
+        return max(self.energy, self.energy_ci[1]) if self.energy_ci else self.energy
+
+    @property
+    def measured(self) -> bool:
+        """COMPLETE with a finite accuracy and energy: eligible for the front."""
+        acc = self.mean_accuracy
+        return (self.state == "COMPLETE" and acc is not None and math.isfinite(acc)
+                and self.energy is not None and math.isfinite(self.energy))
+
+
+class ClosestRow(Record):
+    """A near miss: where it landed and what kept it from the target."""
+
+    number: int
+    variant_hash: str
+    display: str
+    energy: float
+    energy_worst: float
+    accuracy_drop: float | None
+    limited_by: str
+
+
+class Unreachable(Record):
+    """The honest report when no trial reached the target."""
+
+    message: str
+    closest: tuple[ClosestRow, ...]
+    counts: dict[str, int]
+    prune_reasons: dict[str, int]
+    fail_reasons: dict[str, int]
+
+
+class FrontRow(Record):
+    """One measured trial as the front table and the plot show it."""
+
+    number: int
+    variant_hash: str
+    steps: str
+    is_baseline: bool
+    chosen: bool
+    on_front: bool
+    accuracy: dict[str, float]
+    mean_accuracy: float
+    accuracy_drop: float | None
+    energy: float
+    energy_ci: tuple[float, float]
+    joules_per_token: float
+    joules_per_token_ci: tuple[float, float]
+    tier: str
+    eei: float
+    eei_ci: tuple[float, float]
+    display: str
+    worst_letter: str
+    estimated: bool
+    weight_bytes: int | None
+    tokens_per_s: float
+
+
+class SearchResult(Record):
+    """What a search found: the front, the chosen variant, or the honest unreachable report."""
+
+    run_dir: str
+    study_name: str
+    storage: str
+    target: str
+    scheme: str
+    metric: str
+    max_drop: float | None
+    objectives: tuple[str, str]
+    n_trials: int
+    counts: dict[str, int]
+    baseline: FrontRow | None
+    front: tuple[FrontRow, ...]
+    trials: tuple[FrontRow, ...]
+    chosen: FrontRow | None
+    chosen_variant: Variant | None = None
+    chosen_path: str | None = None
+    export_command: str | None = None
+    unreachable: Unreachable | None = None
+    interrupted: bool = False
+    stop_reason: str | None = None  # what ended the run: budget, time limit, Ctrl-C, repeated failures
+    estimated: bool = False
+    duration_s: float = 0.0
+    plots: dict[str, str] = {}

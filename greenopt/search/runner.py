@@ -1,0 +1,264 @@
+"""Trial runners: what a search trial does to one variant, behind a small interface.
+
+The search loop only sees :class:`TrialRunner`: ``prepare()`` once (load the model, score
+the baseline), then ``run(variant, cut=...)`` per trial, returning a :class:`RunOutcome`.
+:class:`TransformersRunner` is the real one; ``greenopt.testing.search.FakeRunner`` is a
+deterministic surrogate for tests and benchmarks.
+
+A run has two fidelities. The quick look (perplexity on held-aside text, then a short
+energy comparison under the ``quick`` protocol) is offered to ``cut``; a cut returns a
+reason and the trial ends there as pruned. Otherwise the variant gets the full evaluation
+(lm-eval tasks) and a comparison against the baseline under the full protocol, on the same
+device and meter, which is the only figure that is ever graded.
+
+Example:
+    >>> from greenopt.config import SearchSpec, Variant
+    >>> runner = TransformersRunner(SearchSpec(model="default"))   # doctest: +SKIP
+    >>> runner.prepare()                                            # doctest: +SKIP
+    >>> outcome = runner.run(Variant())                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from greenopt import offline
+from greenopt.compress import ApplyContext, apply
+from greenopt.compress.calibration import text_windows
+from greenopt.config import SearchSpec, Variant, protocol_preset
+from greenopt.env import resolve_device, resolve_dtype
+from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.measure.select import select_meter
+from greenopt.measure.workload import compare
+from greenopt.models import load_model
+from greenopt.records import EvalResult, QuickLook, RunOutcome
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """When a quick look ends a trial as pruned; ``cuts(quick)`` returns the reason or None.
+
+    Args:
+        perplexity_ratio: prune when perplexity exceeds this multiple of the baseline's.
+        quick_eei: prune when the best (lower) end of the quick EEI interval exceeds this.
+    """
+
+    perplexity_ratio: float | None = None
+    quick_eei: float | None = None
+
+    @property
+    def needs_energy(self) -> bool:
+        return self.quick_eei is not None
+
+    def __call__(self, quick: QuickLook) -> str | None:
+        r = quick.perplexity_ratio
+        if self.perplexity_ratio is not None and r is not None and r > self.perplexity_ratio:
+            return (f"perplexity: {quick.perplexity:.4g} is {r:.2f}x the baseline's "
+                    f"(cut at {self.perplexity_ratio:g}x)")
+        c = quick.comparison
+        if self.quick_eei is not None and c is not None and c.eei_ci[0] > self.quick_eei:
+            return f"energy: quick EEI {c.eei:.1f} [{c.eei_ci[0]:.1f}, {c.eei_ci[1]:.1f}] > cut {self.quick_eei:.1f}"
+        return None
+
+
+@runtime_checkable
+class TrialRunner(Protocol):
+    """Runs variants for the search. ``prepare`` must precede ``num_layers`` and ``run``."""
+
+    def prepare(self, progress: Progress | None = None) -> None:
+        """Loads the model and scores the baseline (idempotent)."""
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the searched model."""
+
+    @property
+    def device_name(self) -> str:
+        """The measured device, as the meter names it (results are only reused on the same one)."""
+
+    @property
+    def baseline_eval(self) -> EvalResult:
+        """The baseline's accuracy, scored once per process."""
+
+    def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
+        """Applies ``variant`` to a fresh copy of the baseline, looks, maybe cuts, evaluates, compares."""
+
+    def environment(self) -> dict[str, Any]:
+        """Facts about the model, device and meter for ``environment.json``."""
+
+    def close(self) -> None:
+        """Frees the model."""
+
+
+class TransformersRunner:
+    """The real runner: a transformers model kept on its device, deep-copied per trial.
+
+    Args:
+        spec: the search spec (model, dtype, device, meter, fidelity, calibration).
+        model, tokenizer: an already loaded model and tokenizer (tests); default: load ``spec.model``.
+        meter: an energy meter; default ``select_meter(spec.meter, ...)`` for the device.
+        device: overrides ``spec.device`` (a worker on another GPU).
+    """
+
+    def __init__(self, spec: SearchSpec, *, model: Any = None, tokenizer: Any = None, meter: Any = None,
+                 device: str | None = None) -> None:
+        self.spec = spec
+        self._model, self._tok, self._meter = model, tokenizer, meter
+        self._device_arg = device or spec.device
+        self._info: Any = None
+        self._ctx: Any = None
+        self._baseline_eval: EvalResult | None = None
+        self._baseline_ppl: float | None = None
+        self._windows: Any = None
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self, progress: Progress | None = None) -> None:
+        if self._baseline_eval is not None:
+            return
+
+        validate_tasks(self.spec.fidelity.eval.tasks)
+        device = resolve_device(self._device_arg)
+        if self._meter is None:
+            self._meter = select_meter(self.spec.meter, cpu_watts=self.spec.cpu_watts, device=device)
+        if self._model is None:
+
+            dtype = resolve_dtype(self.spec.dtype, device)
+            self._model, self._tok, self._info = load_model(self.spec.model, dtype=dtype, device=device)
+        self._model.eval()
+        self._ctx = ApplyContext(tokenizer=self._tok, calib=self.spec.calib)
+        if self.spec.fidelity.perplexity_windows:
+            self._baseline_ppl = self._perplexity(self._model)
+        log.info("scoring the baseline on %s", ", ".join(self.spec.fidelity.eval.tasks))
+        self._baseline_eval = evaluate(self._model, self._tok, self.spec.fidelity.eval,
+                                       progress=_prefixed(progress, "baseline eval"))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._need_model().config.num_hidden_layers)
+
+    @property
+    def device_name(self) -> str:
+        return self._meter.device().name
+
+    @property
+    def baseline_eval(self) -> EvalResult:
+        if self._baseline_eval is None:
+            raise RuntimeError("call prepare() first")
+        return self._baseline_eval
+
+    def environment(self) -> dict[str, Any]:
+        dev = self._meter.device()
+        model = self._need_model()
+        return {"model": self.spec.model, "model_info": self._info.model_dump() if self._info else None,
+                "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "device": dev.model_dump(), "meter": self._meter.name, "meter_tier": self._meter.tier}
+
+    def close(self) -> None:
+        self._model = None
+        _free()
+
+    def _need_model(self) -> Any:
+        if self._model is None:
+            raise RuntimeError("call prepare() first")
+        return self._model
+
+    # ------------------------------------------------------------------ one trial
+
+    def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
+        base = self._need_model()
+        fid = self.spec.fidelity
+        times: dict[str, float] = {}
+        cand = copy.deepcopy(base)
+        try:
+            t = time.perf_counter()
+            report = apply(cand, variant, ctx=self._ctx, progress=_prefixed(progress, "apply"))
+            times["apply_s"] = time.perf_counter() - t
+            quick = None
+            if not variant.is_baseline and cut is not None:
+                quick, reason = self._quick_look(base, cand, cut, progress, times)
+                if reason:
+                    return RunOutcome(apply=report, quick=quick, pruned=reason, durations_s=times)
+            t = time.perf_counter()
+            ev = self.baseline_eval if variant.is_baseline else evaluate(
+                cand, self._tok, fid.eval, progress=_prefixed(progress, "eval"))
+            times["eval_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cmp = compare(base, cand, self._tok, protocol_preset(fid.protocol), self._meter,
+                          progress=_prefixed(progress, "measure"))
+            times["measure_s"] = time.perf_counter() - t
+            return RunOutcome(apply=report, quick=quick, eval=ev, comparison=cmp, durations_s=times)
+        finally:
+            del cand
+            _free()
+
+    def _quick_look(self, base: Any, cand: Any, cut: Cuts, progress: Progress | None,
+                    times: dict[str, float]) -> tuple[QuickLook, str | None]:
+
+        fid = self.spec.fidelity
+        quick = QuickLook(baseline_perplexity=self._baseline_ppl)
+        if fid.perplexity_windows:
+            t = time.perf_counter()
+            quick = quick.model_copy(update={"perplexity": self._perplexity(cand)})
+            times["perplexity_s"] = time.perf_counter() - t
+            reason = cut(quick)
+            if reason:
+                return quick, reason
+        if fid.quick_protocol and cut.needs_energy:
+            t = time.perf_counter()
+            qc = compare(base, cand, self._tok, protocol_preset(fid.quick_protocol), self._meter,
+                         progress=_prefixed(progress, "quick measure"))
+            times["quick_measure_s"] = time.perf_counter() - t
+            quick = quick.model_copy(update={"comparison": qc})
+            return quick, cut(quick)
+        return quick, None
+
+    def _perplexity(self, model: Any) -> float:
+        """exp(mean NLL) over fixed windows of held-aside text; inf when the loss is not finite."""
+        import torch
+
+        if self._windows is None:
+            self._windows = _perplexity_windows(self._tok, self.spec.fidelity.perplexity_windows,
+                                                self.spec.fidelity.perplexity_tokens)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            ids = self._windows.to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float().item()
+        return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
+
+
+def _perplexity_windows(tokenizer: Any, n: int, tokens: int) -> Any:
+    """``[n, tokens]`` ids: evenly spread windows over the held-aside ``perplexity`` split.
+
+    Not the calibration text: GPTQ, Wanda, width, depth and the MoE router are fitted on that,
+    and scoring them on it would favour calibrated moves. Windows start at a paragraph, after
+    BOS where the tokenizer has one (:func:`greenopt.compress.calibration.text_windows`).
+    """
+    return text_windows(tokenizer, offline.wiki_split("perplexity"), n, tokens)
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{prefix}: {stage}" if stage != prefix else stage, done, total)
+
+
+def _free() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

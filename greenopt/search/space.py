@@ -1,0 +1,243 @@
+"""The search space: Optuna parameters <-> a Variant.
+
+``sample(trial, spec, num_layers)`` suggests every parameter of the space (the set of
+parameters is fixed for a given spec, so NSGA-II's crossover sees one search space) and
+builds the Variant they describe. The Variant is a pure function of the parameters, and
+parameters that do not matter (a sparsity when pruning is off) do not change it, so the
+variant hash identifies what was run and repeated variants hit the cache.
+
+Example:
+    >>> import optuna
+    >>> from greenopt.config import SpaceSpec
+    >>> from greenopt.search.space import baseline_params, build, sample
+    >>> spec = SpaceSpec()
+    >>> build(baseline_params(spec, 30), spec, 30).is_baseline
+    True
+    >>> study = optuna.create_study(directions=["maximize", "minimize"])
+    >>> variant = sample(study.ask(), spec, 30)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from greenopt.config import (
+    DepthStep,
+    ExpertPruneStep,
+    MoefyStep,
+    PruneStep,
+    QuantizeStep,
+    QuantOverride,
+    SpaceSpec,
+    Target,
+    Variant,
+    WidthStep,
+)
+
+_PARTS = {"attn": ("*self_attn*",), "ffn": ("*mlp*",), "all": ("*",)}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One search dimension: ``kind`` is categorical, int or float; ``identity`` is its no-op value."""
+
+    name: str
+    kind: str
+    choices: tuple[Any, ...] = ()
+    low: float = 0
+    high: float = 0
+    step: float | None = None
+    identity: Any = None
+
+
+def dims(spec: SpaceSpec, num_layers: int) -> list[Dim]:
+    """The dimensions of ``spec`` for a model with ``num_layers`` decoder layers, in a fixed order."""
+    out: list[Dim] = []
+    bits = tuple(sorted(set(spec.bits) | {16}, reverse=True))
+    if len(bits) > 1:
+        parts = ("attn", "ffn") if spec.split_attn_ffn else ("all",)
+        for g in range(spec.layer_groups):
+            out += [Dim(f"bits.g{g}.{p}", "cat", bits, identity=16) for p in parts]
+        if len(spec.methods) > 1:
+            out.append(Dim("quant.method", "cat", tuple(spec.methods), identity=spec.methods[0]))
+    head = tuple(sorted(set(spec.lm_head_bits) | {16}, reverse=True))
+    if len(head) > 1:
+        out.append(Dim("bits.lm_head", "cat", head, identity=16))
+    if spec.prune:
+        out.append(Dim("prune", "cat", ("none",) + tuple(dict.fromkeys(spec.prune)), identity="none"))
+        if "unstructured" in spec.prune and spec.sparsity[1] > spec.sparsity[0]:
+            out.append(Dim("prune.sparsity", "float", low=spec.sparsity[0], high=spec.sparsity[1],
+                           step=0.05, identity=spec.sparsity[0]))
+    max_drop = min(int(spec.depth_drop_max * num_layers), num_layers - 2)  # depth keeps first and last
+    if max_drop > 0:
+        out.append(Dim("depth.drop", "int", low=0, high=max_drop, identity=0))
+    if spec.heads_keep:
+        out.append(Dim("width.heads_keep", "cat", (1.0,) + spec.heads_keep, identity=1.0))
+    for name, lo in (("width.ffn_keep", spec.ffn_keep_min), ("experts.keep", spec.expert_keep_min)):
+        low = _grid_low(lo, spec.keep_step)
+        if low < 1.0:
+            out.append(Dim(name, "float", low=low, high=1.0, step=spec.keep_step, identity=1.0))
+    if spec.moefy_experts:
+        out.append(Dim("moefy.experts", "cat", (0,) + spec.moefy_experts, identity=0))
+        out.append(Dim("moefy.top_k", "cat", spec.moefy_top_k, identity=spec.moefy_top_k[0]))
+    return out
+
+
+def _grid_low(lo: float, step: float) -> float:
+    # The lowest grid point 1 - k*step that is >= lo (so 1.0 stays on the grid).
+    k = int((1.0 - lo) / step + 1e-9)
+    return round(1.0 - k * step, 6)
+
+
+def baseline_params(spec: SpaceSpec, num_layers: int) -> dict[str, Any]:
+    """Parameters that build the empty variant (for ``study.enqueue_trial``)."""
+    return {d.name: d.identity for d in dims(spec, num_layers)}
+
+
+def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
+    """Each move of the space alone, as a user would try it by hand, mildest first.
+
+    For the search's warm start (``SearchSpec.warm_start``): uniform quantization at each
+    bit width and method, each pruning pattern at its middle sparsity, an eighth and a quarter
+    of the layers dropped, an FFN kept at 75%, each head fraction, and each MoE split with its
+    largest top-k. Values are snapped to the space's grid; each dict builds a one-move Variant.
+    """
+    by_name = {d.name: d for d in dims(spec, num_layers)}
+    base = baseline_params(spec, num_layers)
+    out: list[dict[str, Any]] = []
+
+    def add(**change: Any) -> None:
+        p = {**base, **change}
+        if p != base and p not in out:
+            out.append(p)
+
+    bit_dims = [n for n in by_name if n.startswith("bits.g")]
+    methods = by_name["quant.method"].choices if "quant.method" in by_name else (None,)
+    for bits in (b for b in by_name[bit_dims[0]].choices if b != 16) if bit_dims else ():
+        for m in methods:
+            add(**{n: bits for n in bit_dims}, **({"quant.method": m} if m else {}))
+    if "prune" in by_name:
+        mid = by_name.get("prune.sparsity")
+        for pattern in by_name["prune"].choices[1:]:
+            extra = {"prune.sparsity": _snap(mid, (mid.low + mid.high) / 2)} if mid and pattern == "unstructured" else {}
+            add(prune=pattern, **extra)
+    if "depth.drop" in by_name:
+        hi = int(by_name["depth.drop"].high)
+        for frac in (0.125, 0.25):
+            add(**{"depth.drop": min(hi, max(1, round(num_layers * frac)))})
+    if "width.ffn_keep" in by_name:
+        add(**{"width.ffn_keep": _snap(by_name["width.ffn_keep"], 0.75)})
+    for h in by_name["width.heads_keep"].choices[1:2] if "width.heads_keep" in by_name else ():
+        add(**{"width.heads_keep": h})
+    if "moefy.experts" in by_name:
+        for e in by_name["moefy.experts"].choices[1:]:
+            add(**{"moefy.experts": e, "moefy.top_k": max(k for k in by_name["moefy.top_k"].choices if k <= e)})
+    if "experts.keep" in by_name:
+        add(**{"experts.keep": _snap(by_name["experts.keep"], 0.75)})
+    return out
+
+
+def _snap(d: Dim, x: float) -> float:
+    k = round((x - d.low) / d.step) if d.step else 0
+    return _r(min(d.high, max(d.low, d.low + k * (d.step or 0))))
+
+
+def suggest(trial: Any, spec: SpaceSpec, num_layers: int) -> dict[str, Any]:
+    """Suggests every dimension on an Optuna trial; returns name -> value."""
+    params: dict[str, Any] = {}
+    for d in dims(spec, num_layers):
+        if d.kind == "cat":
+            params[d.name] = trial.suggest_categorical(d.name, d.choices)
+        elif d.kind == "int":
+            params[d.name] = trial.suggest_int(d.name, int(d.low), int(d.high))
+        else:
+            params[d.name] = trial.suggest_float(d.name, d.low, d.high, step=d.step)
+    return params
+
+
+def sample(trial: Any, spec: SpaceSpec, num_layers: int) -> Variant:
+    """Suggests the trial's parameters and returns the Variant they describe.
+
+    Args:
+        trial: an ``optuna.Trial`` (enqueued parameters are honoured).
+        spec: the search space.
+        num_layers: decoder layers of the model being searched.
+
+    Returns:
+        The Variant; the same parameters always give the same Variant (and hash).
+    """
+    return build(suggest(trial, spec, num_layers), spec, num_layers)
+
+
+def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
+    """Builds the Variant for a parameter dict (missing dimensions take their identity).
+
+    Steps run structural moves first (depth, width, MoE), then pruning, then quantization,
+    whose layer groups are computed over the layers that remain after the depth cut.
+
+    Raises:
+        ValueError: a parameter value outside what the space allows.
+    """
+    p = {**baseline_params(spec, num_layers), **params}
+    steps: list[Any] = []
+    drop = int(p.get("depth.drop", 0))
+    if drop:
+        steps.append(DepthStep(drop=drop))
+    ffn, heads = _r(p.get("width.ffn_keep", 1.0)), _r(p.get("width.heads_keep", 1.0))
+    if ffn < 1.0 or heads < 1.0:
+        steps.append(WidthStep(ffn_keep=ffn, heads_keep=heads))
+    experts = int(p.get("moefy.experts", 0))
+    if experts:
+        steps.append(MoefyStep(experts=experts, top_k=min(int(p["moefy.top_k"]), experts)))
+    keep = _r(p.get("experts.keep", 1.0))
+    if keep < 1.0:
+        steps.append(ExpertPruneStep(keep=keep))
+    pattern = p.get("prune", "none")
+    if pattern != "none":
+        sparsity = 0.5 if pattern == "2:4" else _r(p.get("prune.sparsity", spec.sparsity[0]))
+        steps.append(PruneStep(method=spec.prune_method, pattern=pattern, sparsity=sparsity))
+    steps += _quantize_steps(p, spec, num_layers - drop, ffn_dense=not experts)
+    return Variant(steps=tuple(steps))
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """Contiguous (first, last) layer ranges splitting ``num_layers`` into up to ``groups`` parts."""
+    n = max(1, min(groups, num_layers))
+    size, extra = divmod(num_layers, n)
+    out, start = [], 0
+    for g in range(n):
+        end = start + size + (1 if g < extra else 0)
+        out.append((start, end - 1))
+        start = end
+    return out
+
+
+def _quantize_steps(p: dict[str, Any], spec: SpaceSpec, num_layers: int,
+                    ffn_dense: bool = True) -> list[QuantizeStep]:
+    # A MoEfied FFN has no Linear layers left to quantize: its groups stay at 16 bits.
+    parts = ("attn", "ffn") if spec.split_attn_ffn or not ffn_dense else ("all",)
+    method = p.get("quant.method", spec.methods[0])
+    assigned: list[tuple[Target, int]] = []
+    for g, (a, b) in enumerate(layer_groups(num_layers, spec.layer_groups)):
+        layers = f"{a}-{b}" if b > a else str(a)
+        for part in parts:
+            key = f"bits.g{g}.{part if spec.split_attn_ffn else 'all'}"
+            bits = 16 if part == "ffn" and not ffn_dense else int(p.get(key, 16))
+            assigned.append((Target(include=_PARTS[part], layers=layers), bits))
+    steps: list[QuantizeStep] = []
+    if any(bits != 16 for _, bits in assigned):
+        counts = Counter(bits for _, bits in assigned)
+        base = max(counts, key=lambda b: (counts[b], b))  # most common width; ties -> more bits
+        overrides = tuple(QuantOverride(target=t, bits=bits) for t, bits in assigned if bits != base)
+        steps.append(QuantizeStep(method=method, bits=base, group_size=spec.group_size, overrides=overrides))
+    head = int(p.get("bits.lm_head", 16))
+    if head != 16:
+        steps.append(QuantizeStep(method=method, bits=head, group_size=spec.group_size,
+                                  target=Target(include=("lm_head",), exclude=())))
+    return steps

@@ -1,0 +1,265 @@
+"""Export a compressed model as a checkpoint that carries its energy label, and load it back.
+
+``export(model, tokenizer, variant, card, out_dir)`` writes, atomically (a temporary folder
+beside ``out_dir``, renamed into place; never half-written):
+
+- the weights as safetensors, with config, generation config and tokenizer;
+- ``label.json``, ``LABEL.md``, ``label.svg`` (the card) and a ``README.md`` model card;
+- ``greenopt_export.json``: base model, variant, protocol, tasks, schemes, seeds, library
+  versions and the SHA-256 of the weight files (what ``greenopt verify`` re-checks).
+
+Which loader reads it back:
+
+- structural variants (depth, uniform width, expert pruning, unstructured/2:4 masks) are
+  ordinary smaller models: ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``;
+- bitsandbytes variants of one kind (all NF4, all FP4 or all int8, the rest dense) carry
+  transformers' own ``quantization_config`` and load with ``from_pretrained`` as well;
+- everything else (greenopt's packed rtn/hqq/gptq weights, torchao int8, MoEfied FFNs,
+  per-layer widths, mixed bitsandbytes kinds) has no transformers loader: the weights go to
+  ``greenopt-model.safetensors`` (so a plain ``from_pretrained`` fails loudly instead of
+  loading the wrong model) with ``greenopt_modules.json``, and ``greenopt.load(DIR)`` rebuilds
+  the model. The reason is written into the manifest and the README.
+
+Example:
+    >>> from greenopt.ship.exporter import export, load
+    >>> export(model, tok, variant, card, "exports/int4")     # doctest: +SKIP
+    >>> model = load("exports/int4")                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from greenopt._io import library_versions, write_text
+from greenopt._version import __version__
+from greenopt.config import (
+    CalibSpec,
+    EvalSpec,
+    Protocol,
+    Strict,
+    Variant,
+    load_json,
+)
+from greenopt.config.recipe import Gate
+from greenopt.errors import ConfigError
+from greenopt.label.card import write_card
+from greenopt.models import checkpoint as em
+from greenopt.models.checkpoint import load
+from greenopt.records import (
+    ApplyReport,
+    ExportManifest,
+    LabelCard,
+    VariantInfo,
+)
+from greenopt.ship.readme import write_readme
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "greenopt_export.json"
+
+
+
+class ExportProvenance(Strict):
+    """Where the variant came from and how it was (or is to be) measured; goes into the manifest."""
+
+    base_model: str
+    base_model_id: str | None = None
+    protocol: Protocol | None = None
+    eval: EvalSpec | None = None
+    relative_scheme: str = "relative-eu"
+    absolute_scheme: str | None = "absolute-go1"
+    intensity_g_per_kwh: float = 475.0
+    calib: CalibSpec = CalibSpec()
+    seeds: dict[str, int] = {}
+    gate: Gate | None = None
+    source: str | None = None
+    apply_report: ApplyReport | None = None
+    dtype: str | None = None
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: LabelCard | None,
+           out_dir: str | Path, force: bool = False, *, provenance: ExportProvenance | None = None,
+           check_reload: bool = False) -> ExportManifest:
+    """Writes ``model`` (with ``variant`` applied) as a self-describing checkpoint folder.
+
+    Args:
+        model: the compressed in-memory causal LM (not modified).
+        tokenizer: its tokenizer, saved beside the weights.
+        variant: the variant that produced ``model`` from the base model.
+        card: the variant's label card, or None when it has not been measured (``apply``).
+        out_dir: the folder to create.
+        force: replace an existing greenopt export at ``out_dir``.
+        provenance: base model, protocol, tasks, schemes and seeds for the manifest
+            (default: taken from the card where possible).
+        check_reload: reload the written folder and compare its logits with ``model``'s
+            before putting it in place.
+
+    Returns:
+        The manifest written as ``greenopt_export.json``.
+
+    Raises:
+        ConfigError: ``out_dir`` exists (without ``force``, or not a greenopt export), or the
+            model holds a module greenopt cannot serialize (checked before writing).
+    """
+    out = Path(out_dir)
+    check_target(out, force)
+    plan = em.plan_weights(model)
+    prov = provenance or ExportProvenance(base_model=card.model_id if card else "unknown")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        em.write_weights(model, plan, tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = _manifest(model, variant, card, prov, plan, tmp)
+        if card is not None:
+            write_card(card, tmp)
+        write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+        write_readme(tmp, card, manifest)
+        if check_reload:
+            _check_reload(model, tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s loader) to %s", manifest.variant_name, manifest.loader, out)
+    return manifest
+
+
+def check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if not out.is_dir():
+        raise ConfigError(f"{out} is a file, not an export folder; remove it or choose another --out")
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ConfigError(f"{out} is not a greenopt export (no {MANIFEST}); refusing to replace it even "
+                          "with --force; choose another --out")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "export")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "export", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _libraries() -> dict[str, str]:
+    return {"python": platform.python_version(), "greenopt": __version__, **library_versions()}
+
+
+def files_sha256(folder: str | Path) -> str:
+    """SHA-256 over the tensors of every ``*.safetensors`` file in ``folder``.
+
+    Hashes file name, tensor name, dtype, shape and bytes in sorted order; the files' JSON
+    headers are left out (safetensors writes their metadata in no fixed order).
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        h.update(p.name.encode() + b"\0")
+        with safe_open(str(p), framework="pt") as f:
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key).contiguous()
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode() + b"\0")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _manifest(model, variant: Variant, card: LabelCard | None, prov: ExportProvenance,
+              plan: em.WeightsPlan, folder: Path) -> ExportManifest:
+    name = variant.name or (card.variant.name if card else None) or ("baseline" if variant.is_baseline
+                                                                   else variant.hash)
+    if card is not None:
+        info = card.variant.model_copy(update={"name": name})
+    else:
+        rep = prov.apply_report
+        info = VariantInfo(name=name, hash=variant.hash,
+                           steps=tuple(s.summary for s in rep.steps) if rep else (),
+                           params_before=rep.params_before if rep else None,
+                           params_after=rep.params_after if rep else None,
+                           weight_bytes_before=rep.weight_bytes_before if rep else None,
+                           weight_bytes_after=rep.weight_bytes_after if rep else None)
+    dtype = prov.dtype or str(next(model.parameters()).dtype).replace("torch.", "")
+    seeds = {"calibration": prov.calib.seed, **({"protocol": prov.protocol.seed} if prov.protocol else {}),
+             **({"eval": prov.eval.seed} if prov.eval else {}), **prov.seeds}
+    return ExportManifest(
+        greenopt_version=__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        base_model=prov.base_model, base_model_id=prov.base_model_id or (card.model_id if card else prov.base_model),
+        variant=variant, variant_name=name, variant_info=info, loader=plan.loader, loader_reason=plan.reason,
+        dtype=dtype, protocol=prov.protocol, card_protocol_id=card.protocol_id if card else None,
+        eval=prov.eval, relative_scheme=_scheme_ref(folder, card, "relative", prov.relative_scheme),
+        absolute_scheme=_scheme_ref(folder, card, "absolute", prov.absolute_scheme),
+        intensity_g_per_kwh=card.carbon.intensity_g_per_kwh if card else prov.intensity_g_per_kwh,
+        calib=prov.calib, seeds=seeds, libraries=_libraries(), weights_sha256=files_sha256(folder),
+        apply_report=prov.apply_report, gate=prov.gate, source=prov.source, notes=plan.notes,
+    )
+
+
+def _scheme_ref(folder: Path, card: LabelCard | None, which: str, fallback: str | None) -> str | None:
+    """Copies the card's scheme into the export (``scheme-<which>.yaml``) and names that file."""
+    import yaml
+
+    scheme = None if card is None else (card.relative_scheme if which == "relative" else card.absolute_scheme)
+    if scheme is None:
+        return fallback if card is None else None
+    fname = f"scheme-{which}.yaml"
+    write_text(folder / fname, yaml.safe_dump(scheme.model_dump(mode="json"), sort_keys=False))
+    return fname
+
+
+def _check_reload(model: torch.nn.Module, folder: Path) -> None:
+    probe = torch.arange(1, 17).unsqueeze(0)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        want = model(probe.to(device)).logits.float().cpu()
+        got = load(folder, device=str(device))(probe.to(device)).logits.float().cpu()
+    if not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+        raise ConfigError(f"export self-check failed: reloaded logits differ by {float((want - got).abs().max()):.3g}; "
+                          "nothing was written")
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def load_manifest(folder: str | Path) -> ExportManifest:
+    """Reads ``greenopt_export.json`` of an export folder.
+
+    Raises:
+        ConfigError: not a greenopt export, or an invalid manifest.
+    """
+
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        raise ConfigError(f"{folder}: not a greenopt export (no {MANIFEST}); write one with greenopt export/apply")
+    return load_json(p, ExportManifest)
+
+
+# ---------------------------------------------------------------------------- README
+
+
+# ---------------------------------------------------------------------------- from a search run
+
+
