@@ -18,18 +18,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from pydantic import Field
 
 from greenopt.compress import apply
 from greenopt.config import (
     CalibSpec,
     EvalSpec,
+    LabelSpec,
     Protocol,
-    Strict,
+    ProtocolRef,
+    RuntimeSpec,
     Variant,
-    protocol_preset,
+    as_protocol,
 )
-from greenopt.env import resolve_device, resolve_dtype
+from greenopt.env import resolve_device, resolve_dtype, set_threads
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme
 from greenopt.label.card import build_card, current_runtime
@@ -43,26 +44,19 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
-class AssessSpec(Strict):
-    """What to assess and how. ``baseline=None`` means the uncompressed ``model`` itself."""
+class AssessSpec(RuntimeSpec, LabelSpec):
+    """What to assess and how: the model and where it runs (:class:`RuntimeSpec`), the label
+    schemes (:class:`LabelSpec`), then the baseline (None: the uncompressed ``model`` itself),
+    the variant, its calibration sample, the protocol (a preset name or fields) and the tasks."""
 
-    model: str
     baseline: str | None = None
     variant: Variant = Variant()
     calib: CalibSpec = CalibSpec()  # the calibration sample calibrated moves are fitted on
-    protocol: Protocol | str = "cpu"
+    protocol: ProtocolRef = "cpu"
     eval: EvalSpec | None = EvalSpec()
-    meter: str = "auto"
-    cpu_watts: float | None = Field(None, gt=0)
-    device: str = "auto"
-    dtype: str | None = None
-    relative_scheme: str = "relative-eu"
-    absolute_scheme: str | None = "absolute-go1"
-    intensity_g_per_kwh: float = Field(475.0, gt=0)
-    trust_remote_code: bool = False
 
     def resolved_protocol(self) -> Protocol:
-        return self.protocol if isinstance(self.protocol, Protocol) else protocol_preset(self.protocol)
+        return as_protocol(self.protocol)
 
 
 @dataclass(frozen=True)
@@ -110,6 +104,7 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
     """
 
     protocol, meter, rel, abs_ = preflight(spec)
+    set_threads(spec.threads)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     model, tok, info = load_model(spec.model, dtype=dtype, device=device,

@@ -41,6 +41,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def set_threads(threads: int | None) -> None:
+    """Pins torch's CPU threads (intra-op) to ``threads``; None leaves torch's own choice.
+
+    Raises:
+        ConfigError: fewer than one thread.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"threads: {threads} is not a thread count; pass 1 or more (or leave it out)")
+    import torch  # lazy: torch loads only where a model runs
+
+    torch.set_num_threads(threads)
+
+
 def resolve_dtype(dtype: str | None, device: str) -> str:
     """The ``auto`` dtype rule: bfloat16 on CUDA, float32 on CPU; an explicit dtype is checked and kept.
 

@@ -86,17 +86,14 @@ def protocol_from_args(args):
 
 
 def cmd_measure(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     tasks = ("arc_easy", "piqa") if args.tasks is None else tuple(args.tasks)
     spec = AssessSpec(
         model=args.model, baseline=args.baseline,
         variant=load_variant(args.variant) if args.variant else Variant(),
         protocol=protocol_from_args(args),
         eval=EvalSpec(tasks=tasks, limit=args.limit or None) if tasks else None,
-        meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype,
+        meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype or "auto",
+        threads=args.threads,
         relative_scheme=args.scheme, absolute_scheme=args.absolute_scheme,
         intensity_g_per_kwh=args.intensity or 475.0, trust_remote_code=args.trust_remote_code,
     )

@@ -83,7 +83,7 @@ def _spec_from_args(args):
     for key, val in (("model", args.model), ("target", args.target), ("scheme", args.scheme),
                      ("max_drop", args.max_drop), ("n_trials", args.budget), ("timeout_s", args.timeout),
                      ("sampler", args.sampler), ("seed", args.seed), ("meter", args.meter),
-                     ("cpu_watts", args.cpu_watts), ("device", args.device), ("name", args.name),
+                     ("cpu_watts", args.cpu_watts), ("device", args.device), ("threads", args.threads), ("name", args.name),
                      ("runs_dir", args.runs_dir), ("storage", args.storage)):
         if val is not None:
             data[key] = val
@@ -131,10 +131,6 @@ def _live(console):
 
 
 def cmd_search(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     spec = _spec_from_args(args)
     validate_tasks(spec.fidelity.eval.tasks)
     with progress_bars(not args.json) as progress:
@@ -181,12 +177,8 @@ def render_outcome(result, console) -> None:
 
 
 def cmd_worker(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     with progress_bars(not args.json) as progress:
-        done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir,
+        done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir, threads=args.threads,
                       progress=progress, on_trial=None if args.json else _live(console))
     if args.json:
         emit_json([r.model_dump(mode="json") for r in done])

@@ -148,8 +148,7 @@ def cmd_apply(args) -> int:
 
 def _recipe_provenance(recipe) -> dict:
     return dict(protocol=recipe.resolved_protocol(), eval=recipe.evaluation.eval_spec(),
-                relative_scheme=recipe.labels.relative, absolute_scheme=recipe.labels.absolute,
-                intensity_g_per_kwh=recipe.carbon.intensity_g_per_kwh, calib=recipe.calibration, gate=recipe.gate)
+                calib=recipe.calibration, gate=recipe.gate, **recipe.label_spec().model_dump())
 
 
 def _refuse_existing(out: str, force: bool) -> None:
@@ -185,15 +184,11 @@ def _print_manifest(manifest, out: str, as_json: bool) -> int:
 
 
 def cmd_verify(args) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     spec = VerifySpec(source=args.source, target=args.target, max_drop=args.max_drop,
                       require_tier=args.require_tier, protocol=args.protocol,
                       tasks=tuple(args.tasks) if args.tasks is not None else None, limit=args.limit,
                       baseline=args.baseline, meter=args.meter, cpu_watts=args.cpu_watts, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, threads=args.threads)
     with progress_bars(not args.json) as progress:
         result = verify(spec, progress=progress)
     if args.card_out and result.card is not None:

@@ -30,6 +30,7 @@ what ended it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -45,6 +46,7 @@ from optuna.trial import TrialState
 
 from greenopt._io import write_json, write_text
 from greenopt.config import SearchSpec, dump_yaml, validated
+from greenopt.env import set_threads
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import LabelScheme, grade_comparison, grade_measurement, load_scheme
 from greenopt.records import RunOutcome, SearchResult, TrialRecord
@@ -95,8 +97,10 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     t0 = time.monotonic()  # the time limit covers the whole run, runner.prepare included
     scheme = _scheme_and_target(spec)
     rundir.check(spec, resume=resume, force=force)
-    if runner is None:
-        runner = TransformersRunner(spec)
+    set_threads(spec.threads)
+    if runner is None:  # the runner search() builds, search() closes
+        with contextlib.closing(TransformersRunner(spec)) as own:
+            return search(spec, runner=own, progress=progress, on_trial=on_trial, resume=resume, force=force)
     runner.prepare(progress)
     rd = rundir.prepare(spec, resume=resume, force=force)
     storage_url = spec.storage or rd.sqlite_url
@@ -116,8 +120,8 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
 
 
 def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner: TrialRunner | None = None,
-           device: str | None = None, runs_dir: str | None = None, progress: Progress | None = None,
-           on_trial: OnTrial | None = None) -> tuple[TrialRecord, ...]:
+           device: str | None = None, runs_dir: str | None = None, threads: int | None = None,
+           progress: Progress | None = None, on_trial: OnTrial | None = None) -> tuple[TrialRecord, ...]:
     """Runs trials for an existing study in shared storage (``greenopt worker``).
 
     The worker rebuilds the SearchSpec stored in the study, scores its own baseline and
@@ -148,10 +152,14 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
     if raw is None:
         raise ConfigError(f"study {study_name!r} was not created by greenopt search (no stored spec)")
     update = {"storage": storage, "study_name": study_name}
-    update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir)) if v is not None})
+    update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir), ("threads", threads)) if v is not None})
     spec = validated(SearchSpec, {**raw, **update}, where=f"study {study_name} spec")
     scheme = _scheme_and_target(spec)
-    runner = runner or _default_runner(spec)
+    set_threads(spec.threads)
+    if runner is None:  # the runner worker() builds, worker() closes
+        with contextlib.closing(_default_runner(spec)) as own:
+            return worker(storage, study_name, n_trials, runner=own, device=device, runs_dir=runs_dir,
+                          threads=threads, progress=progress, on_trial=on_trial)
     runner.prepare(progress)
     rd = rundir.run_dir(spec)
     rd.trials.mkdir(parents=True, exist_ok=True)

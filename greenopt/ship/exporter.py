@@ -45,8 +45,8 @@ from greenopt._version import __version__
 from greenopt.config import (
     CalibSpec,
     EvalSpec,
+    LabelSpec,
     Protocol,
-    Strict,
     Variant,
     load_json,
 )
@@ -69,16 +69,14 @@ MANIFEST = "greenopt_export.json"
 
 
 
-class ExportProvenance(Strict):
-    """Where the variant came from and how it was (or is to be) measured; goes into the manifest."""
+class ExportProvenance(LabelSpec):
+    """Where the variant came from and how it was (or is to be) measured; goes into the manifest.
+    The label schemes and carbon intensity come from :class:`~greenopt.config.runtime.LabelSpec`."""
 
     base_model: str
     base_model_id: str | None = None
     protocol: Protocol | None = None
     eval: EvalSpec | None = None
-    relative_scheme: str = "relative-eu"
-    absolute_scheme: str | None = "absolute-go1"
-    intensity_g_per_kwh: float = 475.0
     calib: CalibSpec = CalibSpec()
     seeds: dict[str, int] = {}
     gate: Gate | None = None

@@ -24,12 +24,13 @@ from pydantic import Field
 
 from greenopt.assess import AssessSpec, assess
 from greenopt.config import (
-    CalibSpec,
+    DeviceSpec,
+    DType,
     EvalSpec,
     Protocol,
-    Strict,
+    ProtocolRef,
     Variant,
-    protocol_preset,
+    as_protocol,
 )
 from greenopt.config.recipe import load_recipe
 from greenopt.errors import ConfigError
@@ -165,50 +166,37 @@ def _pass_line(card: LabelCard, target: str, max_drop: float | None, drops: dict
 # ---------------------------------------------------------------------------- the verb
 
 
-class VerifySpec(Strict):
+class VerifySpec(DeviceSpec):
     """What to verify and against what. ``None`` fields come from the export or recipe.
 
     ``source`` is an export folder (written by ``greenopt export``/``apply``) or a recipe
     file that pins a variant. ``protocol`` may only name the recorded protocol again: a
-    different one fails the gate.
+    different one fails the gate. Where it runs comes from
+    :class:`~greenopt.config.runtime.DeviceSpec`; ``dtype=None`` and ``"auto"`` fields take the
+    recorded choice.
     """
 
     source: str
     target: str | None = None
     max_drop: float | None = Field(None, ge=0)
     require_tier: Tier | None = None
-    protocol: Protocol | str | None = None
+    protocol: ProtocolRef | None = None
     tasks: tuple[str, ...] | None = None
     limit: int | None = Field(None, ge=1)
     baseline: str | None = None
-    meter: str = "auto"
-    cpu_watts: float | None = Field(None, gt=0)
-    device: str = "auto"
-    dtype: str | None = None
+    dtype: DType | None = None
 
 
 class _Plan(Record):
-    """What verify resolved from the source before measuring anything."""
+    """What verify resolved from the source before measuring anything: the assessment to run
+    and the gate to hold it to."""
 
-    model: str
-    baseline: str
-    variant: Variant
+    assess: AssessSpec
     is_export: bool
-    protocol: Protocol
     expected_protocol: str
-    eval: EvalSpec | None
     target: str
     max_drop: float | None
     require_tier: Tier | None
-    relative_scheme: str
-    absolute_scheme: str | None
-    intensity_g_per_kwh: float
-    trust_remote_code: bool = False
-    dtype: str | None = None
-    device: str = "auto"
-    meter: str = "auto"
-    cpu_watts: float | None = None
-    calib: CalibSpec = CalibSpec()
 
 
 def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
@@ -231,28 +219,24 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     """
 
     plan = _plan(spec)
-    if plan.protocol.id != plan.expected_protocol:
-        msg = (f"protocol changed: asked to measure under {plan.protocol.id}, "
+    protocol = plan.assess.resolved_protocol()
+    if protocol.id != plan.expected_protocol:
+        msg = (f"protocol changed: asked to measure under {protocol.id}, "
                f"but {plan.expected_protocol} was recorded")
         return GateResult(passed=False, reason=msg, failures=(msg,), target=plan.target,
                           max_drop=plan.max_drop, required_tier=plan.require_tier)
-    if plan.max_drop is not None and plan.eval is None:
+    if plan.max_drop is not None and plan.assess.eval is None:
         raise ConfigError("an accuracy budget (--max-drop) needs tasks; pass --tasks or record them in the recipe")
-    result = assess(AssessSpec(
-        model=plan.model, baseline=plan.baseline, variant=plan.variant, calib=plan.calib, protocol=plan.protocol,
-        eval=plan.eval, meter=plan.meter, cpu_watts=plan.cpu_watts, device=plan.device,
-        dtype=plan.dtype, relative_scheme=plan.relative_scheme, absolute_scheme=plan.absolute_scheme,
-        intensity_g_per_kwh=plan.intensity_g_per_kwh, trust_remote_code=plan.trust_remote_code,
-    ), progress=progress)
+    result = assess(plan.assess, progress=progress)
     card = _relabel(result.card, plan) if plan.is_export else result.card
-    tasks = plan.eval.tasks if plan.eval is not None else ()
+    tasks = plan.assess.eval.tasks if plan.assess.eval is not None else ()
     return check_gate(card, plan.target, plan.max_drop, plan.require_tier, plan.expected_protocol, tasks)
 
 
 def _relabel(card: LabelCard, plan: _Plan) -> LabelCard:
     """An export is measured as a plain model; put the recorded model id and variant back on the card."""
 
-    m = load_manifest(plan.model)
+    m = load_manifest(plan.assess.model)
     return card.model_copy(update={"model_id": m.base_model_id, "variant": m.variant_info})
 
 
@@ -266,9 +250,15 @@ def _plan(spec: VerifySpec) -> _Plan:
 
 
 def _resolve_protocol(p: Protocol | str | None) -> Protocol | None:
-    if p is None or isinstance(p, Protocol):
-        return p
-    return protocol_preset(p)
+    return None if p is None else as_protocol(p)
+
+
+def _device(spec: VerifySpec, recorded: dict) -> dict:
+    """Where verify runs: each flag the user set, else the recorded choice."""
+    return {"dtype": spec.dtype if spec.dtype not in (None, "auto") else recorded.get("dtype", "auto"),
+            "device": spec.device if spec.device != "auto" else recorded.get("device", "auto"),
+            "meter": spec.meter if spec.meter != "auto" else recorded.get("meter", "auto"),
+            "cpu_watts": spec.cpu_watts or recorded.get("cpu_watts"), "threads": spec.threads}
 
 
 def _eval_spec(recorded: EvalSpec | None, spec: VerifySpec) -> EvalSpec | None:
@@ -295,16 +285,16 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
     if protocol is None:
         raise ConfigError(f"{folder}: the export records no protocol; pass --protocol")
     gate = m.gate
+    run = AssessSpec(
+        model=str(folder), baseline=spec.baseline or m.base_model, variant=Variant(), protocol=protocol,
+        eval=_eval_spec(m.eval, spec), relative_scheme=_in_export(folder, m.relative_scheme),
+        absolute_scheme=_in_export(folder, m.absolute_scheme), intensity_g_per_kwh=m.intensity_g_per_kwh,
+        trust_remote_code=False, **_device(spec, {"dtype": m.dtype}))
     return _Plan(
-        model=str(folder), baseline=spec.baseline or m.base_model, variant=Variant(), is_export=True,
-        protocol=protocol,
-        expected_protocol=recorded or protocol.id, eval=_eval_spec(m.eval, spec),
+        assess=run, is_export=True, expected_protocol=recorded or protocol.id,
         target=_gate_target(spec.target, gate.target if gate else None, str(folder)),
         max_drop=spec.max_drop if spec.max_drop is not None else (gate.max_drop if gate else None),
         require_tier=spec.require_tier or (gate.require_tier if gate else None),
-        relative_scheme=_in_export(folder, m.relative_scheme), absolute_scheme=_in_export(folder, m.absolute_scheme),
-        intensity_g_per_kwh=m.intensity_g_per_kwh, trust_remote_code=False,
-        dtype=spec.dtype or m.dtype, device=spec.device, meter=spec.meter, cpu_watts=spec.cpu_watts,
     )
 
 
@@ -323,17 +313,17 @@ def _plan_recipe(spec: VerifySpec, path: Path) -> _Plan:
     protocol = r.resolved_protocol()
     asked = _resolve_protocol(spec.protocol) or protocol
     gate_target = r.gate.target or (r.search.target if r.search is not None else None)
+    recorded = {"dtype": r.model.dtype, "device": r.model.device, "meter": r.measurement.meter,
+                "cpu_watts": r.measurement.cpu_watts}
+    run = AssessSpec(
+        model=r.model.id, baseline=spec.baseline or r.model.id, variant=r.variant, calib=r.calibration,
+        protocol=asked, eval=_eval_spec(r.evaluation.eval_spec(), spec), trust_remote_code=r.model.trust_remote_code,
+        **r.label_spec().model_dump(), **_device(spec, recorded))
+    if spec.threads is None and r.measurement.threads is not None:
+        run = run.model_copy(update={"threads": r.measurement.threads})
     return _Plan(
-        model=r.model.id, baseline=spec.baseline or r.model.id, variant=r.variant, is_export=False,
-        protocol=asked, expected_protocol=protocol.id,
-        eval=_eval_spec(r.evaluation.eval_spec(), spec),
+        assess=run, is_export=False, expected_protocol=protocol.id,
         target=_gate_target(spec.target, gate_target, str(path)),
         max_drop=spec.max_drop if spec.max_drop is not None else r.gate.max_drop,
         require_tier=spec.require_tier or r.gate.require_tier,
-        relative_scheme=r.labels.relative, absolute_scheme=r.labels.absolute,
-        intensity_g_per_kwh=r.carbon.intensity_g_per_kwh, trust_remote_code=r.model.trust_remote_code,
-        dtype=spec.dtype or (None if r.model.dtype == "auto" else r.model.dtype),
-        device=spec.device if spec.device != "auto" else r.model.device,
-        meter=spec.meter if spec.meter != "auto" else r.measurement.meter,
-        cpu_watts=spec.cpu_watts or r.measurement.cpu_watts, calib=r.calibration,
     )
