@@ -62,7 +62,7 @@ from greenopt.config import (
     protocol_preset,
 )
 from greenopt.evaluate import evaluate, validate_tasks
-from greenopt.label import grade_comparison, load_scheme
+from greenopt.label import goal, grade_comparison, load_scheme
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, load_prompts
 from greenopt.models import load_model
@@ -259,7 +259,7 @@ def _search(args, reached, base, tok, meter, scheme, tasks, log):
     recs = records(study)
     picks = {}
     for letter in reached:
-        r = pareto.select(recs, scheme, letter, None)
+        r = pareto.select(recs, goal(scheme, letter))
         picks[letter] = None if r is None else r.variant.model_copy(
             update={"name": f"greenopt -> {letter} (trial {r.number})"})
         log(f"search pick for {letter}: {'none' if r is None else pareto.describe(r.variant)}")

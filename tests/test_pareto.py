@@ -7,7 +7,7 @@ import random
 import pytest
 
 from greenopt.config import DepthStep, Variant
-from greenopt.label import grade, load_scheme
+from greenopt.label import goal, grade, load_scheme
 from greenopt.records import EvalResult, TaskScore, TrialRecord
 from greenopt.search.pareto import (
     constraint_values,
@@ -103,8 +103,8 @@ def test_hypervolume_simple_case():
 ])
 def test_reaches_uses_the_worse_letter(eei, ci, ok):
     r = rec(1, 0.5, eei, ci)
-    assert reaches(r, EU, "B") is ok
-    c = constraint_values(r, EU, "B", None)
+    assert reaches(r, goal(EU, "B")) is ok
+    c = constraint_values(r, goal(EU, "B", None))
     assert (c[0] <= 0) is ok  # the sampler's constraint agrees with the grade
 
 
@@ -116,17 +116,17 @@ def test_select_least_accuracy_loss_among_feasible():
         rec(3, 0.55, 30, (28, 32)),              # A: feasible, less accurate
         rec(4, 0.58, 20, (19, 21), state="PRUNED"),
     ]
-    assert select(records, EU, "B").number == 2
-    assert select(records, EU, "A").number == 3
-    assert select(records, EU, "E").number == 1   # the baseline straddles E-F, so only F counts
-    assert select(records, EU, "F").number == 0   # the baseline itself reaches F
-    assert select(records, EU, "B", max_drop=0.04).number == 2
-    assert select(records, EU, "B", max_drop=0.02) is None
+    assert select(records, goal(EU, "B")).number == 2
+    assert select(records, goal(EU, "A")).number == 3
+    assert select(records, goal(EU, "E")).number == 1   # the baseline straddles E-F, so only F counts
+    assert select(records, goal(EU, "F")).number == 0   # the baseline itself reaches F
+    assert select(records, goal(EU, "B", 0.04)).number == 2
+    assert select(records, goal(EU, "B", 0.02)) is None
 
 
 def test_select_ties_go_to_lower_energy():
     records = [rec(1, 0.57, 49, (47, 50)), rec(2, 0.57, 45, (44, 46)), rec(3, 0.57, 45, (44, 46))]
-    assert select(records, EU, "B").number == 2
+    assert select(records, goal(EU, "B")).number == 2
 
 
 def test_max_drop_constraint_and_feasible_agree():
@@ -134,14 +134,14 @@ def test_max_drop_constraint_and_feasible_agree():
     for i in range(200):
         eei = rng.uniform(20, 120)
         r = rec(i, rng.uniform(0.4, 0.6), eei, (eei - rng.uniform(0, 8), eei + rng.uniform(0, 8)))
-        c = constraint_values(r, EU, "C", 0.05)
+        c = constraint_values(r, goal(EU, "C", 0.05))
         assert len(c) == 2
-        assert all(x <= 0 for x in c) == feasible(r, EU, "C", 0.05)
+        assert all(x <= 0 for x in c) == feasible(r, goal(EU, "C", 0.05))
 
 
 def test_unmeasured_trials_violate_constraints_and_open_class_never_binds():
-    assert constraint_values(rec(1, 0, 0, state="PRUNED"), EU, "B", 0.1) == (1.0, 1.0)
-    assert constraint_values(rec(1, 0.5, 500, (400, 600)), EU, "G", None) == (-1.0,)
+    assert constraint_values(rec(1, 0, 0, state="PRUNED"), goal(EU, "B", 0.1)) == (1.0, 1.0)
+    assert constraint_values(rec(1, 0.5, 500, (400, 600)), goal(EU, "G", None)) == (-1.0,)
     assert math.isinf(target_bound(EU, "G"))
     with pytest.raises(ValueError, match="not in label scheme"):
         target_bound(EU, "Z")
@@ -149,7 +149,7 @@ def test_unmeasured_trials_violate_constraints_and_open_class_never_binds():
 
 def test_estimated_grades_are_still_selected_but_marked():
     r = rec(1, 0.58, 45, (44, 46), tier="E1")
-    assert select([r], EU, "B").grade.display.startswith("~B")
+    assert select([r], goal(EU, "B")).grade.display.startswith("~B")
 
 
 def test_unreachable_report_names_counts_and_closest():
@@ -160,7 +160,7 @@ def test_unreachable_report_names_counts_and_closest():
         rec(3, 0, 0, state="PRUNED", reason="perplexity: 9x"),
         rec(4, 0, 0, state="FAIL", reason="out of memory: CUDA"),
     ]
-    u = unreachable(records, EU, "A", max_drop=0.05)
+    u = unreachable(records, goal(EU, "A", 0.05))
     assert u.counts["COMPLETE"] == 3 and u.counts["PRUNED"] == 1 and u.counts["FAIL"] == 1
     assert [c.number for c in u.closest] == [2, 1]
     assert "class C" in u.closest[0].limited_by and "accuracy drop 0.100" in u.closest[0].limited_by

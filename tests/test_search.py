@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from greenopt.config import FidelitySpec, SearchSpec, SpaceSpec, Variant, load_variant
 from greenopt.errors import ConfigError, GreenoptError
-from greenopt.label import load_scheme
+from greenopt.label import goal, load_scheme
 from greenopt.report.plot import render_front
 from greenopt.search import pareto, prepare_study, records, search, to_json, worker
 from greenopt.search.rundir import run_dir
@@ -72,7 +72,7 @@ def test_search_records_front_and_choice(tmp_path, with_plots):
     for r in recs:  # the file and the study attr hold the same record
         assert json.loads(rd.trial_path(r.number).read_text()) == r.model_dump(mode="json")
     assert {r.number for r in res.front} == {r.number for r in pareto.front(recs)}
-    chosen = pareto.select(recs, EU, "C")
+    chosen = pareto.select(recs, goal(EU, "C"))
     assert chosen is not None and res.chosen.number == chosen.number and res.chosen.worst_letter in "ABC"
     assert load_variant(rd.chosen).steps == chosen.variant.steps
     assert res.export_command == f"greenopt export {rd.root} --pick best --out {rd.root / 'export'}"
@@ -89,7 +89,7 @@ def test_constraints_reach_the_sampler(tmp_path):
     for t in load(spec).get_trials(states=(TrialState.COMPLETE,)):
         rec = pareto.TrialRecord.model_validate(t.user_attrs["record"])
         assert t.constraints == dict(zip(("class", "accuracy_drop"), rec.constraint))
-        assert (max(rec.constraint) <= 0) == pareto.feasible(rec, EU, "C", 0.02)
+        assert (max(rec.constraint) <= 0) == pareto.feasible(rec, goal(EU, "C", 0.02))
 
 
 def test_repeated_variant_hits_the_cache(tmp_path):

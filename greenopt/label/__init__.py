@@ -28,7 +28,7 @@ from pathlib import Path
 
 from greenopt.config import LabelClass, LabelScheme, load_yaml, validated
 from greenopt.errors import ConfigError
-from greenopt.records import Comparison, EnergyMeasurement, Grade, Tier
+from greenopt.records import Comparison, EnergyMeasurement, Goal, Grade, Tier
 
 #: IEA world-average grid intensity in gCO2e/kWh; also CodeCarbon's fallback.
 DEFAULT_GRID_G_PER_KWH = 475.0
@@ -200,7 +200,21 @@ def carbon_g_per_1k_tokens(joules_per_token: float,
     return joules_per_token * 1000.0 / _J_PER_KWH * intensity_g_per_kwh
 
 
+def goal(scheme: str | Path | LabelScheme, letter: str, max_drop: float | None = None, *,
+         flag: str = "--target") -> Goal:
+    """The :class:`~greenopt.records.Goal` of reaching class ``letter`` of ``scheme``.
+
+    Raises:
+        ConfigError: an unknown scheme, or a letter that is not one of its classes (named
+            as ``flag`` in the message).
+    """
+    s = load_scheme(scheme)
+    if letter not in s.letters:
+        raise ConfigError(f"{flag} {letter}: not a class of label scheme {s.name}; choose one of {', '.join(s.letters)}")
+    return Goal(scheme=s, letter=letter, max_drop=max_drop)
+
+
 __all__ = [
-    "DEFAULT_GRID_G_PER_KWH", "EU_INK", "EU_PALETTE", "Grade", "LabelClass", "LabelScheme", "carbon_g_per_1k_tokens",
+    "DEFAULT_GRID_G_PER_KWH", "Goal", "goal", "EU_INK", "EU_PALETTE", "Grade", "LabelClass", "LabelScheme", "carbon_g_per_1k_tokens",
     "grade", "grade_comparison", "grade_measurement", "load_scheme", "schemes_dir",
 ]

@@ -33,6 +33,7 @@ from greenopt.records.measure import (
 from greenopt.records.search import (
     ClosestRow,
     FrontRow,
+    Goal,
     QuickLook,
     RunOutcome,
     SearchResult,
@@ -50,7 +51,7 @@ from greenopt.records.ship import (
 
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
-    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Grade", "Issue", "LabelCard",
+    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "LabelCard",
     "ModelInfo", "QuickLook", "Record", "RunOutcome", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",

@@ -6,10 +6,30 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from greenopt.config import Variant
+from greenopt.config import LabelScheme, Variant
 from greenopt.records._base import Record
 from greenopt.records.label import Grade
 from greenopt.records.measure import ApplyReport, Comparison, EvalResult
+
+
+class Goal(Record):
+    """What a search must reach: a class of one label scheme (the worse end of each interval
+    counts) and, optionally, an accuracy budget. Built once per search by
+    :func:`greenopt.label.goal` and passed on; ``bound`` is the class's upper bound in the
+    scheme's metric (inf for the open last class)."""
+
+    scheme: LabelScheme
+    letter: str
+    max_drop: float | None = None
+
+    @property
+    def bound(self) -> float:
+        c = next(c for c in self.scheme.classes if c.letter == self.letter)
+        return math.inf if c.max is None else float(c.max)
+
+    @property
+    def unit(self) -> str:
+        return "EEI" if self.scheme.relative else "J/token"
 
 
 class QuickLook(Record):

@@ -48,7 +48,7 @@ from greenopt._io import write_json, write_text
 from greenopt.config import SearchSpec, dump_yaml, validated
 from greenopt.env import set_threads
 from greenopt.errors import ConfigError, GreenoptError
-from greenopt.label import LabelScheme, grade_comparison, grade_measurement, load_scheme
+from greenopt.label import Goal, goal, grade_comparison, grade_measurement
 from greenopt.records import RunOutcome, SearchResult, TrialRecord
 from greenopt.report import plot
 from greenopt.search import pareto, rundir, space
@@ -95,7 +95,7 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     (``runner.prepare``) and the baseline are inside the time limit.
     """
     t0 = time.monotonic()  # the time limit covers the whole run, runner.prepare included
-    scheme = _scheme_and_target(spec)
+    target = _goal(spec)
     rundir.check(spec, resume=resume, force=force)
     set_threads(spec.threads)
     if runner is None:  # the runner search() builds, search() closes
@@ -109,12 +109,12 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     _ensure_baseline(study, spec, runner.num_layers)
     write_json(rd.environment, rundir.environment(runner.environment()))
     try:
-        interrupted, _ = _drive(study, spec, scheme, runner, rd, progress, on_trial, max_trials=None,
+        interrupted, _ = _drive(study, spec, target, runner, rd, progress, on_trial, max_trials=None,
                                 shared=spec.storage is not None, started=t0)
     except _RepeatedFailure:  # write what ran before stopping, then say why
-        write_json(rd.result, _result(study, spec, scheme, rd, storage_url, False, time.monotonic() - t0))
+        write_json(rd.result, _result(study, spec, target, rd, storage_url, False, time.monotonic() - t0))
         raise
-    result = _result(study, spec, scheme, rd, storage_url, interrupted, time.monotonic() - t0)
+    result = _result(study, spec, target, rd, storage_url, interrupted, time.monotonic() - t0)
     write_json(rd.result, result)
     return result
 
@@ -154,7 +154,7 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
     update = {"storage": storage, "study_name": study_name}
     update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir), ("threads", threads)) if v is not None})
     spec = validated(SearchSpec, {**raw, **update}, where=f"study {study_name} spec")
-    scheme = _scheme_and_target(spec)
+    target = _goal(spec)
     set_threads(spec.threads)
     if runner is None:  # the runner worker() builds, worker() closes
         with contextlib.closing(_default_runner(spec)) as own:
@@ -171,7 +171,7 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
         if on_trial:
             on_trial(rec, best)
 
-    _drive(study, spec, scheme, runner, rd, progress, collect, max_trials=n_trials, shared=True)
+    _drive(study, spec, target, runner, rd, progress, collect, max_trials=n_trials, shared=True)
     return tuple(done)
 
 
@@ -186,7 +186,7 @@ def prepare_study(spec: SearchSpec, num_layers: int) -> optuna.Study:
     """
     if spec.storage is None:
         raise ConfigError("preparing a study for workers needs --storage (an RDB URL such as postgresql://...)")
-    _scheme_and_target(spec)
+    _goal(spec)
     study = study_storage.open_study(spec, spec.storage, create=True, resume=True)
     _ensure_baseline(study, spec, num_layers)
     return study
@@ -204,7 +204,7 @@ def to_json(result: SearchResult) -> dict[str, Any]:
 class _Ctx:
     study: optuna.Study
     spec: SearchSpec
-    scheme: LabelScheme
+    goal: Goal
     runner: TrialRunner
     rd: rundir.RunDir
     cuts: Cuts | None
@@ -248,7 +248,7 @@ def _stopped(study: optuna.Study, reason: str) -> str:
     return reason
 
 
-def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: TrialRunner, rd: rundir.RunDir,
+def _drive(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRunner, rd: rundir.RunDir,
            progress: Progress | None, on_trial: OnTrial | None, *, max_trials: int | None, shared: bool,
            started: float | None = None) -> tuple[bool, str]:
     """Runs trials until the budget, the time limit or Ctrl-C.
@@ -262,7 +262,7 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
             with the same reason.
         Exception: a trial's unexpected exception (a bug), after the trial is told FAIL.
     """
-    ctx = _Ctx(study, spec, scheme, runner, rd, _cuts(spec, scheme), shared,
+    ctx = _Ctx(study, spec, target, runner, rd, _cuts(spec, target), shared,
                f"{socket.gethostname()}:{os.getpid()}", progress)
     t0, ran = (time.monotonic() if started is None else started), 0
     same, last_fail = 0, None
@@ -299,7 +299,7 @@ def _drive(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, runner: T
             raise GreenoptError(f"the baseline trial failed ({rec.reason}); nothing can be compared. "
                                 "Fix the cause and run again with --resume")
         if on_trial:
-            on_trial(rec, pareto.select(study_storage.records(study), scheme, spec.target, spec.max_drop))
+            on_trial(rec, pareto.select(study_storage.records(study), target))
         failed = rec.state == "FAIL" and not rec.lost
         same = same + 1 if failed and rec.reason == last_fail else int(failed)
         last_fail = rec.reason if failed else None
@@ -362,10 +362,10 @@ def _record(ctx: _Ctx, base: dict[str, Any], out: RunOutcome) -> TrialRecord:
     if out.eval is None or out.comparison is None:
         raise RuntimeError("runner returned neither a pruning reason nor full figures")
     cmp = out.comparison
-    if ctx.scheme.relative:
-        grade, energy, ci = grade_comparison(cmp, ctx.scheme), cmp.eei, cmp.eei_ci
+    if ctx.goal.scheme.relative:
+        grade, energy, ci = grade_comparison(cmp, ctx.goal.scheme), cmp.eei, cmp.eei_ci
     else:
-        grade = grade_measurement(cmp.candidate, ctx.scheme)
+        grade = grade_measurement(cmp.candidate, ctx.goal.scheme)
         energy, ci = cmp.candidate.joules_per_token, cmp.candidate.joules_per_token_ci
     rec = TrialRecord(**common, state="COMPLETE", eval=out.eval, comparison=cmp, grade=grade,
                       energy=energy, energy_ci=tuple(ci))
@@ -375,7 +375,7 @@ def _record(ctx: _Ctx, base: dict[str, Any], out: RunOutcome) -> TrialRecord:
 
 
 def _constraint(ctx: _Ctx, rec: TrialRecord) -> tuple[float, ...]:
-    return pareto.constraint_values(rec, ctx.scheme, ctx.spec.target, ctx.spec.max_drop)
+    return pareto.constraint_values(rec, ctx.goal)
 
 
 def _finish(ctx: _Ctx, trial: optuna.Trial, rec: TrialRecord) -> None:
@@ -401,11 +401,11 @@ def _reason(e: BaseException) -> str:
     return f"{kind}: {text}"[:500] if text else kind
 
 
-def _cuts(spec: SearchSpec, scheme: LabelScheme) -> Cuts | None:
+def _cuts(spec: SearchSpec, target: Goal) -> Cuts | None:
     fid = spec.fidelity
     ppl = fid.perplexity_cut if fid.perplexity_windows else None
-    bound = pareto.target_bound(scheme, spec.target)
-    eei = (fid.energy_cut * bound if fid.energy_cut and fid.quick_protocol and scheme.relative
+    bound = target.bound
+    eei = (fid.energy_cut * bound if fid.energy_cut and fid.quick_protocol and target.scheme.relative
            and math.isfinite(bound) else None)
     return Cuts(perplexity_ratio=ppl, quick_eei=eei) if (ppl or eei) else None
 
@@ -426,22 +426,19 @@ def _default_runner(spec: SearchSpec) -> TrialRunner:
     return TransformersRunner(spec)
 
 
-def _scheme_and_target(spec: SearchSpec) -> LabelScheme:
-    scheme = load_scheme(spec.scheme)
-    if spec.target not in scheme.letters:
-        raise ConfigError(f"--target {spec.target}: not a class of label scheme {scheme.name}; "
-                          f"choose one of {', '.join(scheme.letters)}")
-    return scheme
+def _goal(spec: SearchSpec) -> Goal:
+    return goal(spec.scheme, spec.target, spec.max_drop)
 
 
 # ---------------------------------------------------------------------------- result
 
 
-def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rundir.RunDir, storage_url: str,
+def _result(study: optuna.Study, spec: SearchSpec, target: Goal, rd: rundir.RunDir, storage_url: str,
             interrupted: bool, duration_s: float) -> SearchResult:
     recs = study_storage.records(study)
     on_front = {r.number for r in pareto.front(recs)}
-    chosen = pareto.select(recs, scheme, spec.target, spec.max_drop)
+    chosen = pareto.select(recs, target)
+    scheme = target.scheme
     rows = tuple(pareto.row(r, chosen=chosen is not None and r.number == chosen.number, on_front=r.number in on_front)
                  for r in recs if r.measured)
     counts = {s: sum(r.state == s and not r.lost for r in recs) for s in ("COMPLETE", "PRUNED", "FAIL")}
@@ -464,7 +461,7 @@ def _result(study: optuna.Study, spec: SearchSpec, scheme: LabelScheme, rd: rund
         chosen=next((r for r in rows if r.chosen), None),
         chosen_variant=chosen_variant,
         chosen_path=chosen_path, export_command=export,
-        unreachable=None if chosen else pareto.unreachable(recs, scheme, spec.target, spec.max_drop),
+        unreachable=None if chosen else pareto.unreachable(recs, target),
         interrupted=interrupted, stop_reason=study.user_attrs.get(STOP_REASON_ATTR),
         estimated=any(r.estimated for r in rows), duration_s=duration_s,
     )

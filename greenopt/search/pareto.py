@@ -7,7 +7,7 @@ enter the front or can be chosen; a label is never predicted.
 Example:
     >>> from greenopt.search.pareto import front, select
     >>> rows = front(records)                                  # doctest: +SKIP
-    >>> chosen = select(records, scheme, "B", max_drop=0.05)    # doctest: +SKIP
+    >>> chosen = select(records, goal(scheme, "B", max_drop=0.05))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from greenopt.config import Variant
 from greenopt.label import LabelScheme
-from greenopt.records import ClosestRow, FrontRow, TrialRecord, Unreachable
+from greenopt.records import ClosestRow, FrontRow, Goal, TrialRecord, Unreachable
 
 # ---------------------------------------------------------------------------- front
 
@@ -74,67 +74,63 @@ def target_bound(scheme: LabelScheme, target: str) -> float:
     Raises:
         ValueError: the letter is not a class of the scheme.
     """
-    for c in scheme.classes:
-        if c.letter == target:
-            return math.inf if c.max is None else float(c.max)
-    raise ValueError(f"class {target!r} is not in label scheme {scheme.name} ({', '.join(scheme.letters)})")
+    if target not in scheme.letters:
+        raise ValueError(f"class {target!r} is not in label scheme {scheme.name} ({', '.join(scheme.letters)})")
+    return Goal(scheme=scheme, letter=target).bound
 
 
-def reaches(record: TrialRecord, scheme: LabelScheme, target: str) -> bool:
-    """Whether the worse letter of the trial's interval is the target class or better."""
+def reaches(record: TrialRecord, goal: Goal) -> bool:
+    """Whether the worse letter of the trial's interval is the goal's class or better."""
     if not record.measured or record.grade is None:
         return False
-    return scheme.letters.index(record.grade.worst_letter) <= scheme.letters.index(target)
+    letters = goal.scheme.letters
+    return letters.index(record.grade.worst_letter) <= letters.index(goal.letter)
 
 
-def constraint_values(record: TrialRecord, scheme: LabelScheme, target: str,
-                      max_drop: float | None) -> tuple[float, ...]:
+def constraint_values(record: TrialRecord, goal: Goal) -> tuple[float, ...]:
     """Constraint values for the sampler (<= 0 feasible): class bound, then accuracy drop.
 
-    The first is ``worse end of the energy interval - target class bound``; the second,
-    present when ``max_drop`` is set, ``accuracy drop - max_drop``. Unmeasured trials get 1.0.
+    The first is ``worse end of the energy interval - class bound``; the second, present when
+    ``goal.max_drop`` is set, ``accuracy drop - max_drop``. Unmeasured trials get 1.0.
     """
-    n = 1 if max_drop is None else 2
+    n = 1 if goal.max_drop is None else 2
     if not record.measured:
         return (1.0,) * n
-    bound = target_bound(scheme, target)
+    bound = goal.bound
     out = [-1.0 if math.isinf(bound) else record.energy_worst - bound]
-    if max_drop is not None:
+    if goal.max_drop is not None:
         drop = record.accuracy_drop
-        out.append(1.0 if drop is None else drop - max_drop)
+        out.append(1.0 if drop is None else drop - goal.max_drop)
     return tuple(out)
 
 
-def feasible(record: TrialRecord, scheme: LabelScheme, target: str, max_drop: float | None) -> bool:
-    """Reaches the target class and, when set, stays within the accuracy drop budget."""
-    if not reaches(record, scheme, target):
+def feasible(record: TrialRecord, goal: Goal) -> bool:
+    """Reaches the goal's class and, when set, stays within its accuracy drop budget."""
+    if not reaches(record, goal):
         return False
     drop = record.accuracy_drop
-    return max_drop is None or (drop is not None and drop <= max_drop + 1e-12)
+    return goal.max_drop is None or (drop is not None and drop <= goal.max_drop + 1e-12)
 
 
-def select(records: Iterable[TrialRecord], scheme: LabelScheme, target: str,
-           max_drop: float | None = None) -> TrialRecord | None:
+def select(records: Iterable[TrialRecord], goal: Goal) -> TrialRecord | None:
     """The feasible trial with the least accuracy loss versus the baseline (ties: lower energy).
 
     Args:
         records: trial records of one study.
-        scheme: the label scheme the target letter belongs to.
-        target: the target class letter; the worse letter of each interval counts.
-        max_drop: optional accuracy-drop budget (fraction, 0.05 = 5 points).
+        goal: the class to reach (the worse letter of each interval counts) and the
+            optional accuracy-drop budget (fraction, 0.05 = 5 points).
 
     Returns:
         The chosen record, or None when no trial is feasible.
     """
-    ok = [r for r in records if feasible(r, scheme, target, max_drop)]
+    ok = [r for r in records if feasible(r, goal)]
     if not ok:
         return None
     return min(ok, key=lambda r: (r.accuracy_drop if r.accuracy_drop is not None else math.inf,
                                   r.energy, r.number))
 
 
-def unreachable(records: Sequence[TrialRecord], scheme: LabelScheme, target: str,
-                max_drop: float | None = None, k: int = 3) -> Unreachable:
+def unreachable(records: Sequence[TrialRecord], goal: Goal, k: int = 3) -> Unreachable:
     """Explains why no trial reached ``target``: counts, reasons, and the ``k`` closest variants.
 
     Closest = lowest worse end of the energy interval among measured trials.
@@ -143,12 +139,12 @@ def unreachable(records: Sequence[TrialRecord], scheme: LabelScheme, target: str
     counts["lost"] = sum(r.lost for r in records)
     prunes = Counter(_reason_kind(r.reason) for r in records if r.state == "PRUNED")
     fails = Counter(_reason_kind(r.reason) for r in records if r.state == "FAIL" and not r.lost)
-    bound = target_bound(scheme, target)
+    bound, target, max_drop = goal.bound, goal.letter, goal.max_drop
     near = sorted((r for r in records if r.measured and not r.is_baseline), key=lambda r: (r.energy_worst, r.number))
     rows = [ClosestRow(number=r.number, variant_hash=r.variant_hash, display=r.grade.display if r.grade else "?",
                        energy=r.energy, energy_worst=r.energy_worst, accuracy_drop=r.accuracy_drop,
-                       limited_by=_limit(r, scheme, target, bound, max_drop)) for r in near[:k]]
-    unit = "EEI" if scheme.relative else "J/token"
+                       limited_by=_limit(r, goal)) for r in near[:k]]
+    unit = goal.unit
     ran = sum(counts[s] for s in ("COMPLETE", "PRUNED", "FAIL"))  # trials that ran to an outcome (lost excluded)
     parts = [f"{counts['COMPLETE']} complete", f"{counts['PRUNED']} pruned", f"{counts['FAIL']} failed"]
     if fails:
@@ -172,9 +168,9 @@ def _reason_kind(reason: str | None) -> str:
     return (reason or "unknown").split(":")[0].strip()
 
 
-def _limit(r: TrialRecord, scheme: LabelScheme, target: str, bound: float, max_drop: float | None) -> str:
-    why = []
-    if not reaches(r, scheme, target):
+def _limit(r: TrialRecord, goal: Goal) -> str:
+    why, bound, max_drop = [], goal.bound, goal.max_drop
+    if not reaches(r, goal):
         why.append(f"class {r.grade.worst_letter if r.grade else '?'} at the worse end "
                    f"({r.energy_worst:.3g} > {bound:g})")
     drop = r.accuracy_drop

@@ -13,7 +13,7 @@ from greenopt.compress import apply
 from greenopt.config import SearchSpec, load_yaml, protocol_preset, validated
 from greenopt.config.recipe import Gate
 from greenopt.errors import ConfigError
-from greenopt.label import load_scheme
+from greenopt.label import goal, load_scheme
 from greenopt.label.card import build_card, current_runtime
 from greenopt.models import load_model
 from greenopt.records import ExportManifest, TrialRecord
@@ -120,7 +120,7 @@ def _picked(rd: RunDir, spec: SearchSpec, recs: dict[int, TrialRecord], pick: st
             return int(pick)
         except ValueError:
             raise ConfigError(f"--pick {pick!r}: give a trial number or 'best'") from None
-    chosen = pareto.select(recs.values(), load_scheme(spec.scheme), spec.target, spec.max_drop)
+    chosen = pareto.select(recs.values(), goal(spec.scheme, spec.target, spec.max_drop))
     if chosen is not None:
         return chosen.number
     raise ConfigError(f"{rd.root}: the search chose no variant (target not reached); pick a trial from the "
