@@ -10,6 +10,7 @@ from greenopt import offline
 from greenopt.compress import calibration
 from greenopt.compress.calibration import calibration_batch, text_windows
 from greenopt.config import CalibSpec
+from greenopt.errors import MoveError
 from greenopt.testing import tiny_tokenizer
 
 ARTICLES = ("The first paragraph of one.\nA second paragraph here.", "Another article starts.\nIt goes on.")
@@ -41,7 +42,7 @@ def test_windows_start_at_a_paragraph_not_mid_text():
 def test_seeded_windows_repeat_and_seeds_differ():
     tok = _tok(bos=True)
     assert text_windows(tok, ARTICLES, 6, 10, seed=3).equal(text_windows(tok, ARTICLES, 6, 10, seed=3))
-    with pytest.raises(ValueError, match="shorter than one sample"):
+    with pytest.raises(MoveError, match="shorter than one sample"):
         text_windows(tok, ("",), 1, 10)
 
 

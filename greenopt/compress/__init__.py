@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from greenopt.compress import accounting
 from greenopt.compress.calibration import calibration_batch
 from greenopt.config import CalibSpec, Variant
+from greenopt.errors import MoveError
 from greenopt.records import ApplyReport, StepReport
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,14 @@ HANDLERS: dict[str, str] = {
 
 @dataclass
 class ApplyContext:
-    """What steps share: tokenizer and calibration sample, and a per-process cache."""
+    """What steps share: the tokenizer and the calibration sample spec."""
 
     tokenizer: object = None
     calib: CalibSpec = CalibSpec()
-    cache: dict = field(default_factory=dict)
 
     def calibration(self) -> torch.LongTensor:
         if self.tokenizer is None:
-            raise ValueError("this move needs calibration data; pass tokenizer= to apply()")
+            raise MoveError("this move needs calibration data; pass tokenizer= to apply()")
         return calibration_batch(self.tokenizer, self.calib)
 
 

@@ -13,8 +13,10 @@ import torch
 
 from greenopt import offline
 from greenopt.config import CalibSpec
+from greenopt.errors import MoveError
 
-_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE: dict[tuple, torch.Tensor] = {}  # (tokenizer, spec) -> windows; the newest _CACHE_MAX kept
+_CACHE_MAX = 4
 
 
 def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
@@ -26,6 +28,8 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
     """
     key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.bos_token_id, spec)
     if key not in _CACHE:
+        while len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = text_windows(tokenizer, offline.wiki_split("calibration"), spec.samples, spec.seq_len,
                                    seed=spec.seed)
     return _CACHE[key]
@@ -48,7 +52,7 @@ def text_windows(tokenizer, articles: tuple[str, ...], n: int, seq_len: int, *,
     body = seq_len - len(bos)
     starts = [(a, p) for a, art in enumerate(articles) for p, para in enumerate(art.split("\n")) if para.strip()]
     if not starts or body < 1:
-        raise ValueError("calibration text is shorter than one sample")
+        raise MoveError("calibration text is shorter than one sample")
     if seed is None:
         step = len(starts) / n
         picks = [starts[int(i * step)] for i in range(n)]
@@ -64,7 +68,7 @@ def text_windows(tokenizer, articles: tuple[str, ...], n: int, seq_len: int, *,
             ids += tokenizer(text[: 16 * body], add_special_tokens=False).input_ids
             k += 1
             if len(ids) < body and k >= len(articles) + a:
-                raise ValueError("calibration text is shorter than one sample")
+                raise MoveError("calibration text is shorter than one sample")
             text = "\n\n" + articles[k % len(articles)]
         rows.append(bos + ids[:body])
     return torch.tensor(rows, dtype=torch.long)

@@ -19,7 +19,6 @@ from greenopt.compress.targeting import set_module
 
 BITS_BY_METHOD = {"bnb_int8": (8,), "bnb_nf4": (4,), "bnb_fp4": (4,)}
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-EMBEDDINGS = False
 
 
 def problem(method: str, module: torch.nn.Module, bits: int, group_size: int | None) -> str | None:

@@ -23,8 +23,6 @@ from greenopt.compress.targeting import decoder_layers, layer_index, set_module
 
 log = logging.getLogger(__name__)
 
-BITS = (8, 4, 3, 2)
-EMBEDDINGS = False
 DAMP = 0.01  # fraction of mean(diag(H)) added to the diagonal
 ACT_ORDER = True
 ROWS_PER_STEP = 8

@@ -14,9 +14,6 @@ import torch
 from greenopt.compress.q_packed import PackedLinear
 from greenopt.compress.targeting import set_module
 
-BITS = (8, 4, 3, 2)
-EMBEDDINGS = False
-
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
     """HQQ codes ``[rows, cols]``, scales and zeros ``[rows, cols // group_size]`` (float zeros)."""

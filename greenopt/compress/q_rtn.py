@@ -16,9 +16,6 @@ from greenopt.compress.q_packed import (
 )
 from greenopt.compress.targeting import set_module
 
-BITS = (8, 4, 3, 2)
-EMBEDDINGS = True
-
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
     """Codes ``[rows, cols]``, scales and zeros ``[rows, cols // group_size]`` of ``w``."""

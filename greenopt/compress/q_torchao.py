@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import torch
 
-BITS = (8,)
-EMBEDDINGS = False
-
 
 def _stored_bits(w: torch.Tensor) -> float:
     inner = [getattr(w, n) for n in type(w).__tensor_flatten__(w)[0]]

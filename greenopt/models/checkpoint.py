@@ -23,7 +23,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -87,41 +87,104 @@ def _greenopt_attrs(m: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(m).items() if k.startswith("greenopt_") and isinstance(v, (bool, int, float, str))}
 
 
+# ---------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """How one compressed module type is saved and rebuilt.
+
+    ``describe(name, module)`` returns the constructor meta (JSON-ready) when ``module`` is of
+    this kind, else None; ``build(meta, tensors, name)`` rebuilds it from that meta and its
+    state-dict entries. Loading builds only registered kinds: the registry is the allowlist.
+    """
+
+    name: str
+    describe: Callable[[str, torch.nn.Module], dict[str, Any] | None]
+    build: Callable[[dict, dict, str], torch.nn.Module]
+
+
+KINDS: dict[str, ModuleKind] = {}
+
+#: Packages whose tensor subclasses a ``tensor_subclass`` module may hold (torchao's int8
+#: weights). A manifest naming a class elsewhere is refused: loading never imports an
+#: arbitrary class a file names.
+TENSOR_PACKAGES = ("torchao.",)
+
+
+def register(kind: ModuleKind) -> ModuleKind:
+    """Adds a module kind to the registry (order matters: the first kind that describes a module wins)."""
+    KINDS[kind.name] = kind
+    return kind
+
+
 def _classify(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
     """The module's kind and constructor meta, None for a plain module; raises for unknown ones."""
-
+    for kind in KINDS.values():
+        meta = kind.describe(name, m)
+        if meta is not None:
+            return {"kind": kind.name, "meta": meta}
     cls = type(m).__name__
-    if isinstance(m, PackedLinear):
-        return {"kind": "packed_linear", "meta": {"in_features": m.in_features, "out_features": m.out_features,
-                "bits": m.bits, "group_size": m.group_size, "method": m.method, "bias": m.bias is not None}}
-    if isinstance(m, PackedEmbedding):
-        return {"kind": "packed_embedding", "meta": {
-            "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "bits": m.bits,
-            "group_size": m.group_size, "method": m.method, "padding_idx": m.padding_idx,
-            "dtype": _dtype_name(m.dtype_probe.dtype)}}
-    bnb = _bnb()
-    if bnb is not None and isinstance(m, bnb.nn.Linear4bit):
-
-        canon = canonical_4bit(m.weight)  # what write_weights stores (see _canonical_bnb_layout)
-        qs = m.weight.quant_state if canon is None else canon[1]
-        return {"kind": "bnb_4bit", "meta": {"in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None, "quant_type": qs.quant_type, "blocksize": qs.blocksize,
-                "nested": bool(qs.nested), "compute_dtype": _dtype_name(m.compute_dtype or torch.float32)}}
-    if bnb is not None and isinstance(m, bnb.nn.Linear8bitLt):
-        return {"kind": "bnb_int8", "meta": {"in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None, "threshold": float(m.state.threshold)}}
-    w = getattr(m, "weight", None)
-    if isinstance(m, torch.nn.Linear) and w is not None and hasattr(type(w), "__tensor_flatten__"):
-        names, ctx = type(w).__tensor_flatten__(w)
-        return {"kind": "tensor_subclass", "meta": {
-            "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-            "tensor_class": f"{type(w).__module__}:{type(w).__qualname__}", "inner": list(names),
-            "ctx": _jsonable(ctx, name), "shape": list(w.shape), "stride": list(w.stride()),
-            "attrs": _greenopt_attrs(m)}}
     if type(m).__module__.startswith("greenopt.") and cls not in _GREENOPT_STRUCTURAL and cls != "SemiSparseLinear":
         raise ConfigError(f"export: {name} is a {cls}, which greenopt does not know how to save; "
                           "report this, or export before that step")
     return None
+
+
+def _describe_packed_linear(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    if not isinstance(m, PackedLinear):
+        return None
+    return {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "group_size": m.group_size, "method": m.method, "bias": m.bias is not None}
+
+
+def _describe_packed_embedding(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    if not isinstance(m, PackedEmbedding):
+        return None
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "bits": m.bits,
+            "group_size": m.group_size, "method": m.method, "padding_idx": m.padding_idx,
+            "dtype": _dtype_name(m.dtype_probe.dtype)}
+
+
+def _describe_bnb_4bit(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    bnb = _bnb()
+    if bnb is None or not isinstance(m, bnb.nn.Linear4bit):
+        return None
+    canon = canonical_4bit(m.weight)  # what write_weights stores (see _canonical_bnb_layout)
+    qs = m.weight.quant_state if canon is None else canon[1]
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+            "quant_type": qs.quant_type, "blocksize": qs.blocksize, "nested": bool(qs.nested),
+            "compute_dtype": _dtype_name(m.compute_dtype or torch.float32)}
+
+
+def _describe_bnb_int8(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    bnb = _bnb()
+    if bnb is None or not isinstance(m, bnb.nn.Linear8bitLt):
+        return None
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+            "threshold": float(m.state.threshold)}
+
+
+def _tensor_class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _allowed_tensor_class(ref: str, where: str) -> None:
+    if not ref.partition(":")[0].startswith(TENSOR_PACKAGES):
+        raise ConfigError(f"{where}: weight tensor class {ref} is not one greenopt loads "
+                          f"(allowed packages: {', '.join(p.rstrip('.') for p in TENSOR_PACKAGES)})")
+
+
+def _describe_tensor_subclass(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    w = getattr(m, "weight", None)
+    if not (isinstance(m, torch.nn.Linear) and w is not None and hasattr(type(w), "__tensor_flatten__")):
+        return None
+    ref = _tensor_class_name(type(w))
+    _allowed_tensor_class(ref, f"export: {name}")
+    names, ctx = type(w).__tensor_flatten__(w)
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+            "tensor_class": ref, "inner": list(names), "ctx": _jsonable(ctx, name), "shape": list(w.shape),
+            "stride": list(w.stride()), "attrs": _greenopt_attrs(m)}
 
 
 def plan_weights(model: torch.nn.Module) -> WeightsPlan:
@@ -304,7 +367,11 @@ def load_greenopt(folder: Path, *, device: str = "cpu", dtype: str | None = None
         sd[alias] = sd[kept]
     for name, mod_spec in spec["modules"].items():
         sub = {k[len(name) + 1:]: sd.pop(k) for k in [k for k in sd if k.startswith(name + ".")]}
-        set_module(model, name, _BUILDERS[mod_spec["kind"]](mod_spec["meta"], sub, name))
+        kind = KINDS.get(mod_spec.get("kind"))
+        if kind is None:
+            raise ConfigError(f"{folder / MODULES}: {name} has kind {mod_spec.get('kind')!r}, which this greenopt "
+                              f"does not load (known: {', '.join(KINDS)})")
+        set_module(model, name, kind.build(mod_spec["meta"], sub, name))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if _owner(k, spec["modules"]) is None]
     if missing or unexpected:
@@ -366,6 +433,7 @@ def _build_bnb_int8(meta: dict, sub: dict, name: str) -> torch.nn.Module:
 
 
 def _build_tensor_subclass(meta: dict, sub: dict, name: str) -> torch.nn.Module:
+    _allowed_tensor_class(meta["tensor_class"], f"export: {name}")
     mod_name, _, qual = meta["tensor_class"].partition(":")
     cls = importlib.import_module(mod_name)
     for part in qual.split("."):
@@ -376,12 +444,18 @@ def _build_tensor_subclass(meta: dict, sub: dict, name: str) -> torch.nn.Module:
     m.weight = torch.nn.Parameter(weight, requires_grad=False)
     m.bias = torch.nn.Parameter(sub["bias"], requires_grad=False) if meta["bias"] else None
     for k, v in meta.get("attrs", {}).items():
+        if not (k.startswith("greenopt_") and isinstance(v, (bool, int, float, str))):
+            raise ConfigError(f"export: {name}: attribute {k!r} is not a greenopt_ scalar; refusing to set it")
         setattr(m, k, v)
     return m.eval()
 
 
-_BUILDERS = {"packed_linear": _build_packed_linear, "packed_embedding": _build_packed_embedding,
-             "bnb_4bit": _build_bnb_4bit, "bnb_int8": _build_bnb_int8, "tensor_subclass": _build_tensor_subclass}
+for _kind in (ModuleKind("packed_linear", _describe_packed_linear, _build_packed_linear),
+              ModuleKind("packed_embedding", _describe_packed_embedding, _build_packed_embedding),
+              ModuleKind("bnb_4bit", _describe_bnb_4bit, _build_bnb_4bit),
+              ModuleKind("bnb_int8", _describe_bnb_int8, _build_bnb_int8),
+              ModuleKind("tensor_subclass", _describe_tensor_subclass, _build_tensor_subclass)):
+    register(_kind)
 
 
 def load(folder: str | Path, *, device: str = "cpu", dtype: str | None = None) -> torch.nn.Module:
