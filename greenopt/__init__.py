@@ -10,9 +10,7 @@ from greenopt._version import __version__  # noqa: F401
 def __getattr__(name: str):
     # Lazy: ``greenopt.load(DIR)`` without importing torch/transformers at package import.
     if name == "load":
-        from greenopt.models.checkpoint import (
-            load,  # lazy: torch and transformers load on first use
-        )
+        from greenopt.models.checkpoint import load  # lazy: torch and transformers load on first use
 
         return load
     raise AttributeError(f"module 'greenopt' has no attribute {name!r}")

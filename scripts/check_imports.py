@@ -6,6 +6,10 @@ dependency, only a later one); imports under ``if TYPE_CHECKING:`` are not run a
 out. Also lists function-level imports of greenopt modules, which the layout allows only to
 defer a heavy optional backend: each must carry a comment saying which (``# lazy: ...``).
 
+Then checks the floors of the layout (README, "Where things are"): a module imports only
+from its own floor or below, never up. TYPE_CHECKING imports count here too (an annotation
+that names an upper floor is a seam in the wrong place).
+
 Usage: python scripts/check_imports.py [--package DIR]
 """
 
@@ -80,6 +84,42 @@ def _known(name: str, modules: set[str]) -> str | None:
     return None
 
 
+#: The layout's floors, bottom to top; a module's floor is that of its longest listed prefix.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("greenopt._version", "greenopt.errors", "greenopt._io", "greenopt.env", "greenopt.offline"),
+    ("greenopt.config",),
+    ("greenopt.records",),
+    ("greenopt.compress",),
+    ("greenopt.models", "greenopt.measure", "greenopt.evaluate", "greenopt.testing"),
+    ("greenopt.label",),
+    ("greenopt.report", "greenopt.assess"),
+    ("greenopt.search", "greenopt.testing.search"),
+    ("greenopt.validate", "greenopt.ship"),
+    ("greenopt.cli",),
+    ("greenopt",),  # the package's own __init__ (lazy greenopt.load)
+)
+
+
+def floor(module: str) -> int:
+    best, where = -1, -1
+    for i, names in enumerate(FLOORS):
+        for n in names:
+            covers = module == n or (module.startswith(n + ".") and n != "greenopt")  # the root: __init__ only
+            if covers and len(n) > best:
+                best, where = len(n), i
+    return where
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that run up the floors, as printable lines."""
+    out = []
+    for src in sorted(graph):
+        for dst in sorted(graph[src]):
+            if floor(dst) > floor(src) and not src.startswith(dst + "."):
+                out.append(f"upward import: {src} (floor {floor(src)}) -> {dst} (floor {floor(dst)})")
+    return out
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (or a self-import)."""
     index: dict[str, int] = {}
@@ -142,9 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         print("import cycle: " + " <-> ".join(comp))
     for line in lazy:
         print(line)
+    unplaced = sorted(m for m in modules if floor(m) < 0)
+    for m in unplaced:
+        print(f"module {m} is on no floor: add it to FLOORS")
+    up = upward(_with_type_checking(files, modules, graph))
+    for line in up:
+        print(line)
     print(f"{len(modules)} modules, {sum(map(len, graph.values()))} import edges, {len(found)} cycles, "
-          f"{len(lazy)} unexplained function-level imports")
-    return 1 if found or lazy else 0
+          f"{len(lazy)} unexplained function-level imports, {len(up)} upward imports")
+    return 1 if found or lazy or up or unplaced else 0
+
+
+def _with_type_checking(files: dict[str, Path], modules: set[str], graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    full = {m: set(t) for m, t in graph.items()}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for line in _type_checking_lines(tree):
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and node.lineno == line:
+                    full[name].update(t for t in _targets(node, name, path.name == "__init__.py", modules) if t != name)
+    return full
 
 
 if __name__ == "__main__":
