@@ -26,7 +26,7 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
     defines one (:func:`text_windows`). Cached per (tokenizer, spec), so every move in a
     process sees the same sample.
     """
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.bos_token_id, spec)
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), tuple(leading_bos(tokenizer)), spec)
     if key not in _CACHE:
         while len(_CACHE) >= _CACHE_MAX:
             _CACHE.pop(next(iter(_CACHE)))
@@ -35,20 +35,33 @@ def calibration_batch(tokenizer, spec: CalibSpec) -> torch.LongTensor:
     return _CACHE[key]
 
 
+def leading_bos(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer itself puts BOS before text it encodes, else ``[]``.
+
+    The model's own regime decides, not whether a BOS token is defined: Llama-style tokenizers
+    prepend BOS and their models run far out of distribution without it, while SmolLM2 defines
+    ``<|im_start|>`` as BOS but never adds it to text (prepending it there raised the default
+    model's held-aside perplexity from 29.1 to 30.9; ``scripts/bos_probe.py``).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos] else []
+
+
 def text_windows(tokenizer, articles: tuple[str, ...], n: int, seq_len: int, *,
                  seed: int | None = None) -> torch.LongTensor:
     """``[n, seq_len]`` token ids, each window read from the start of a paragraph.
 
     A window never starts mid-sentence: it starts at a paragraph of one of ``articles`` and
-    runs on through the following text. The tokenizer's BOS token, where it defines one, is
-    the first token of every window (models trained with BOS run far out of distribution
-    without it). ``seed=None`` spreads the windows evenly over the paragraphs; a seed draws
+    runs on through the following text. Where the tokenizer puts BOS before text
+    (:func:`leading_bos`), BOS is the first token of every window. ``seed=None`` spreads the windows evenly over the paragraphs; a seed draws
     them at random, reproducibly.
 
     Raises:
-        ValueError: the text is too short for one window.
+        MoveError: the text is too short for one window.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = leading_bos(tokenizer)
     body = seq_len - len(bos)
     starts = [(a, p) for a, art in enumerate(articles) for p, para in enumerate(art.split("\n")) if para.strip()]
     if not starts or body < 1:
