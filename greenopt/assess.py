@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from pydantic import Field
 
 from greenopt.compress import apply
 from greenopt.config import (
@@ -35,7 +36,7 @@ from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme
 from greenopt.label.card import build_card, current_runtime
 from greenopt.measure.select import select_meter
-from greenopt.measure.workload import compare
+from greenopt.measure.workload import compare_repeated
 from greenopt.models import load_model
 from greenopt.records import ApplyReport, Comparison, EvalResult
 
@@ -47,13 +48,16 @@ Progress = Callable[[str, int, int], None]
 class AssessSpec(RuntimeSpec, LabelSpec):
     """What to assess and how: the model and where it runs (:class:`RuntimeSpec`), the label
     schemes (:class:`LabelSpec`), then the baseline (None: the uncompressed ``model`` itself),
-    the variant, its calibration sample, the protocol (a preset name or fields) and the tasks."""
+    the variant, its calibration sample, the protocol (a preset name or fields) and the tasks.
+    ``comparisons`` independent comparisons (fresh copies of both models, the variant re-applied,
+    each with its own starting side and prompt order) make the reported EEI and its interval."""
 
     baseline: str | None = None
     variant: Variant = Variant()
     calib: CalibSpec = CalibSpec()  # the calibration sample calibrated moves are fitted on
     protocol: ProtocolRef = "cpu"
     eval: EvalSpec | None = EvalSpec()
+    comparisons: int = Field(3, ge=1, le=50)
 
     def resolved_protocol(self) -> Protocol:
         return as_protocol(self.protocol)
@@ -115,9 +119,21 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
         baseline, _, _ = load_model(spec.baseline, dtype=dtype, device=device,
                                     trust_remote_code=spec.trust_remote_code)
     report = None
+    pristine = copy.deepcopy(model) if spec.variant.steps and spec.comparisons > 1 else None
     if spec.variant.steps:
         report = apply(model, spec.variant, tokenizer=tok, calib=spec.calib, progress=progress)
-    comparison = compare(baseline, model, tok, protocol, meter, progress=progress)
+
+    def pair(r: int):
+        """Comparison r's two models: the measured ones first, then fresh copies of both."""
+        if r == 0:
+            return baseline, (model if model is not baseline else copy.deepcopy(baseline))
+        if pristine is None:
+            return copy.deepcopy(baseline), copy.deepcopy(model)
+        cand = copy.deepcopy(pristine)  # seeded moves: the same weights again, in fresh memory
+        apply(cand, spec.variant, tokenizer=tok, calib=spec.calib)
+        return copy.deepcopy(baseline), cand
+
+    comparison = compare_repeated(pair, tok, protocol, meter, spec.comparisons, progress=progress)
     if spec.eval is not None and spec.eval.tasks:
         cand_eval = evaluate(model, tok, spec.eval, progress=progress)
         base_eval = cand_eval if baseline is model else evaluate(baseline, tok, spec.eval, progress=progress)

@@ -181,7 +181,7 @@ def _compare_replayed(model, tok, seed: int):
     trials = [e for pair in zip(first, second) for e in pair]
     meter = AttributingReplay([1.0, *trials, 2.0, 1.0], calls)
     cmp = compare(Recorded(model, "A", calls), Recorded(tiny_llama(seed=1, layers=2), "B", calls),
-                  tok, protocol_preset("smoke", seed=seed), meter)
+                  tok, protocol_preset("smoke"), meter, order_seed=seed)
     return cmp, meter.ran
 
 
@@ -199,7 +199,7 @@ def test_compare_alternates_and_gives_exact_eei(model, tok):
     assert cmp.tier == "M1"
 
 
-def test_compare_start_order_follows_seed(model, tok):
+def test_compare_start_order_follows_the_order_seed(model, tok):
     ran0 = _compare_replayed(model, tok, 0)[1]
     assert _compare_replayed(model, tok, 0)[1] == ran0  # same seed, same order
     firsts = {next(iter(ran0[1]))}

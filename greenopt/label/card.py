@@ -121,6 +121,7 @@ def build_card(*, model_id: str, variant_name: str, variant_hash: str, compariso
         absolute_note=note,
         candidate=_summary(cand), baseline=_summary(comparison.baseline), tier=comparison.tier,
         device=cand.device, runtime=runtime, protocol_id=cand.protocol_id,
+        interval_note=comparison.interval_note, eei_runs=comparison.runs,
         accuracy=_task_lines(candidate_eval, baseline_eval), eval_limit=candidate_eval.limit,
         eval_seed=candidate_eval.seed,
         carbon=CarbonLine(g_per_1k_tokens=carbon_g_per_1k_tokens(cand.joules_per_token, intensity_g_per_kwh),
@@ -236,8 +237,9 @@ def render_markdown(card: LabelCard) -> str:
     if card.estimated:
         out += ["> **ESTIMATE — not a measured label.** The energy figures are a model-based "
                 "estimate (tier E1), not an energy counter reading.", ""]
-    out += [f"**Relative class: {rel.display}** — EEI {text.num(rel.value)} (95% CI {text.interval(rel.interval)}) "
-            f"vs the uncompressed baseline; scheme {text.scheme_name(rel)}.", ""]
+    runs = f"; EEI of each comparison {', '.join(text.num(x) for x in card.eei_runs)}" if card.eei_runs else ""
+    out += [f"**Relative class: {rel.display}** — EEI {text.num(rel.value)} (95% CI {text.interval(rel.interval)}, "
+            f"{_md(card.interval_note)}{runs}) vs the uncompressed baseline; scheme {text.scheme_name(rel)}.", ""]
     abs_txt = f"**Absolute: {text.num(c.joules_per_token)} J/token** (95% CI {text.interval(c.joules_per_token_ci)}, tier {c.tier})"
     if card.absolute is not None:
         abs_txt += f" — class {card.absolute.display}, scheme {text.scheme_name(card.absolute)}"

@@ -11,6 +11,7 @@ Pure functions over sequences of floats; every random draw comes from a seeded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,6 +121,70 @@ def eei_interval(baseline_jpt: Sequence[float], candidate_jpt: Sequence[float],
     base_meds = _resampled_medians(b, resamples, rng)
     cand_meds = _resampled_medians(c, resamples, rng)
     return _percentile_interval(100.0 * cand_meds / base_meds)
+
+
+def eei_interval_paired(baseline_jpt: Sequence[float], candidate_jpt: Sequence[float],
+                        resamples: int, seed: int) -> tuple[float, float]:
+    """Paired block bootstrap 95% interval of the EEI within one comparison.
+
+    Trials alternate A B A B, so trial ``i`` of each side forms one adjacent pair that shared
+    the machine's state at that moment; a resample draws whole pairs with replacement and
+    computes 100 x median(candidate*) / median(baseline*). Drift that moves both sides of a
+    pair together cancels instead of widening the interval, and drift that separates them
+    shows. With unequal trial counts the extra trials of the longer side are left out.
+
+    Raises:
+        ValueError: either side is empty, ``resamples`` < 1, or a baseline value is not positive.
+    """
+    b, c = _array(baseline_jpt), _array(candidate_jpt)
+    if (b <= 0).any():
+        raise ValueError("baseline J/token values must be positive")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    n = min(b.size, c.size)
+    b, c = b[:n], c[:n]
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    return _percentile_interval(100.0 * np.median(c[idx], axis=1) / np.median(b[idx], axis=1))
+
+
+def combine_eei(points: Sequence[float], intervals: Sequence[tuple[float, float]],
+                floor_log_sd: float = 0.0) -> tuple[float, tuple[float, float]]:
+    """One EEI and 95% interval from R independent comparisons of the same pair.
+
+    Works on log EEI. The point is the geometric mean of the R EEIs. The standard error adds
+    the between-comparison variance (sample variance of the R log EEIs, ddof=1), the mean
+    within-comparison variance (each in-run interval read as +-1.96 sd on the log scale) and
+    the machine's noise floor ``floor_log_sd`` (the between-comparison sd of A/A runs, from
+    ``greenopt calibrate``), each divided by R; the interval uses Student's t with R-1 degrees
+    of freedom (the normal quantile for R = 1, where no between term can be estimated and only
+    the within term and the floor remain).
+
+    Raises:
+        ValueError: no point, a non-positive EEI or interval end, or lengths that differ.
+    """
+    x = _array(points)
+    if len(intervals) != x.size:
+        raise ValueError("need one interval per point")
+    lo, hi = np.array([i[0] for i in intervals], dtype=np.float64), np.array([i[1] for i in intervals], dtype=np.float64)
+    if (x <= 0).any() or (lo <= 0).any() or (hi <= 0).any():
+        raise ValueError("EEI values and interval ends must be positive")
+    logs, r = np.log(x), x.size
+    within = float(np.mean(((np.log(hi) - np.log(lo)) / (2 * _Z95)) ** 2))
+    between = float(np.var(logs, ddof=1)) if r > 1 else 0.0
+    se = math.sqrt((between + within + floor_log_sd ** 2) / r)
+    q = _t95(r - 1) if r > 1 else _Z95
+    centre = float(np.mean(logs))
+    return math.exp(centre), (math.exp(centre - q * se), math.exp(centre + q * se))
+
+
+_Z95 = 1.959963984540054
+# Two-sided 95% Student t quantiles by degrees of freedom (1..30); larger df use the normal.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def _t95(df: int) -> float:
+    return _T95[df - 1] if df <= len(_T95) else _Z95
 
 
 def _array(values: Sequence[float]) -> np.ndarray:

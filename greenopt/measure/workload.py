@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -243,12 +244,16 @@ def measure(model, tokenizer, protocol: Protocol, meter: Meter, *,
 
 
 def compare(baseline_model, candidate_model, tokenizer, protocol: Protocol, meter: Meter, *,
-            progress: Progress | None = None) -> Comparison:
+            progress: Progress | None = None, order_seed: int | None = None) -> Comparison:
     """Measures a candidate against its baseline in one run, trials alternating A B A B ...
 
-    The side that goes first is drawn from ``protocol.seed``; the idle window is shared.
-    EEI = 100 x median E_tok(candidate) / median E_tok(baseline), with a bootstrap 95%
-    interval that resamples each side's trials independently.
+    The side that goes first and the order of the prompts (the same for both sides) are drawn
+    from ``order_seed`` (default: a fresh random seed, so repeated comparisons do not all start
+    on the same side; shared/ENERGY.md §2); both are recorded. The idle window is shared.
+    EEI = 100 x median E_tok(candidate) / median E_tok(baseline), with an *in-run* 95% interval
+    from a paired block bootstrap over adjacent A/B trial pairs
+    (:func:`~greenopt.measure.stats.eei_interval_paired`): it holds what varies within this run,
+    not what differs between runs (:func:`compare_repeated` and ``greenopt calibrate`` add that).
 
     Args:
         baseline_model: the uncompressed model.
@@ -257,17 +262,21 @@ def compare(baseline_model, candidate_model, tokenizer, protocol: Protocol, mete
         protocol: the protocol.
         meter: the energy meter; both sides use it, so tiers never mix.
         progress: optional ``progress(stage, done, total)``.
+        order_seed: seed of the starting side and the prompt order (None: drawn fresh).
 
     Returns:
-        The comparison, with both measurements.
+        The comparison, with both measurements, the side that went first and the order seed.
 
     Raises:
         MeterError: the meter failed or reported no energy.
         ConfigError: the prompts cannot fill ``protocol.prompt_tokens``.
     """
+    order_seed = secrets.randbits(32) if order_seed is None else order_seed
+    rng = np.random.default_rng(order_seed)
+    first = int(rng.integers(2))
     prompts = load_prompts(tokenizer, protocol)
+    prompts = prompts[torch.as_tensor(rng.permutation(len(prompts)))]
     runners = [_Runner(m, tokenizer, prompts, protocol, meter) for m in (baseline_model, candidate_model)]
-    first = int(np.random.default_rng(protocol.seed).integers(2))
     order = [runners[first], runners[1 - first]]
     device = meter.device()
     total = 2 * protocol.trials
@@ -288,9 +297,48 @@ def compare(baseline_model, candidate_model, tokenizer, protocol: Protocol, mete
     base_jpt = [t.joules_per_token for t in base.trials]
     cand_jpt = [t.joules_per_token for t in cand.trials]
     eei = stats.eei_point(base_jpt, cand_jpt)
-    ci = stats.eei_interval(base_jpt, cand_jpt, protocol.bootstrap_resamples, protocol.seed)
-    log.info("EEI %.1f [%.1f, %.1f] (%s)", eei, ci[0], ci[1], protocol.id)
-    return Comparison(eei=eei, eei_ci=ci, baseline=base, candidate=cand)
+    ci = stats.eei_interval_paired(base_jpt, cand_jpt, protocol.bootstrap_resamples, protocol.seed)
+    log.info("EEI %.1f [%.1f, %.1f] in-run (%s, %s first)", eei, ci[0], ci[1], protocol.id, _SIDES[first])
+    return Comparison(eei=eei, eei_ci=ci, baseline=base, candidate=cand, first=_SIDES[first], order_seed=order_seed)
+
+
+_SIDES = ("baseline", "candidate")
+
+
+def compare_repeated(pair: Callable[[int], tuple], tokenizer, protocol: Protocol, meter: Meter, repeats: int, *,
+                     floor_log_sd: float = 0.0, progress: Progress | None = None) -> Comparison:
+    """``repeats`` independent comparisons of the same pair, combined into one reported figure.
+
+    ``pair(r)`` builds fresh copies of both models for comparison ``r`` (the variant re-applied,
+    so memory placement and process state differ as they would on a rerun); each comparison
+    draws its own starting side and prompt order. The EEI and interval come from
+    :func:`~greenopt.measure.stats.combine_eei` on log EEI (between-comparison variance, the mean
+    in-run variance and the machine's noise floor ``floor_log_sd``); the measurements shown are
+    those of the comparison whose EEI is the median, and ``runs`` lists every comparison's EEI.
+
+    Raises:
+        MeterError, ConfigError: as :func:`compare`.
+    """
+    if repeats < 1:
+        raise ConfigError(f"comparisons: {repeats}; pass 1 or more")
+    runs = []
+    for r in range(repeats):
+        base, cand = pair(r)
+        runs.append(compare(base, cand, tokenizer, protocol, meter, progress=_prefixed(progress, r, repeats)))
+        del base, cand
+    if repeats == 1 and floor_log_sd == 0.0:
+        return runs[0]
+    eei, ci = stats.combine_eei([c.eei for c in runs], [c.eei_ci for c in runs], floor_log_sd)
+    mid = sorted(runs, key=lambda c: c.eei)[(len(runs) - 1) // 2]
+    log.info("EEI %.1f [%.1f, %.1f] over %d comparisons (%s)", eei, ci[0], ci[1], repeats, protocol.id)
+    return mid.model_copy(update={"eei": eei, "eei_ci": ci, "interval": "repeated",
+                                  "runs": tuple(c.eei for c in runs), "floor_log_sd": floor_log_sd})
+
+
+def _prefixed(progress: Progress | None, r: int, repeats: int) -> Progress | None:
+    if progress is None or repeats == 1:
+        return progress
+    return lambda stage, done, total: progress(f"comparison {r + 1}/{repeats}: {stage}", done, total)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -111,6 +111,8 @@ class LabelCard(Record):
     device: DeviceInfo
     runtime: RuntimeInfo
     protocol_id: str
+    interval_note: str = "in-run interval (one comparison; the spread between runs is not in it)"
+    eei_runs: tuple[float, ...] = ()  # each comparison's EEI when the figure repeats R comparisons
     accuracy: tuple[TaskLine, ...]
     eval_limit: int | None
     eval_seed: int

@@ -75,15 +75,33 @@ class EnergyMeasurement(Record):
 
 
 class Comparison(Record):
-    """A candidate measured against its baseline in the same run (A B A B ...).
+    """A candidate measured against its baseline (trials A B A B ...), once or repeated.
 
-    EEI = 100 x E_tok(candidate) / E_tok(baseline); ``eei_ci`` is a bootstrap 95% interval.
+    EEI = 100 x E_tok(candidate) / E_tok(baseline). ``interval`` says what ``eei_ci`` holds:
+    ``in-run``, a paired bootstrap within one comparison (it misses what differs between runs);
+    ``repeated``, ``runs`` lists R independent comparisons' EEIs and the interval combines their
+    spread, the in-run term and the machine's noise floor (``floor_log_sd``, sd of log EEI of
+    A/A runs; 0 when not calibrated). ``first`` is the side that went first (of the comparison
+    shown, for repeated ones) and ``order_seed`` the seed of its side and prompt order.
     """
 
     eei: float
     eei_ci: tuple[float, float]
     baseline: EnergyMeasurement
     candidate: EnergyMeasurement
+    interval: Literal["in-run", "repeated"] = "in-run"
+    runs: tuple[float, ...] = ()
+    floor_log_sd: float = 0.0
+    first: Literal["baseline", "candidate"] | None = None
+    order_seed: int | None = None
+
+    @property
+    def interval_note(self) -> str:
+        """How the interval was obtained, for every place that prints it."""
+        if self.interval == "in-run":
+            return "in-run interval (one comparison; the spread between runs is not in it)"
+        floor = f", noise floor sd {self.floor_log_sd:.3f} log EEI" if self.floor_log_sd else ", no noise floor"
+        return f"interval over {len(self.runs)} comparisons{floor}"
 
     @property
     def tier(self) -> Tier:
