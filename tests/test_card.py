@@ -11,6 +11,7 @@ import pytest
 import greenopt
 from greenopt.config import protocol_preset
 from greenopt.errors import ConfigError
+from greenopt.label import load_scheme
 from greenopt.label.card import (
     CARD_FILES,
     build_card,
@@ -82,7 +83,8 @@ def test_build_m1_card():
 def test_estimated_card_is_never_plain():
     card = _card(tier="E1")
     assert card.estimated and card.relative.display == "~C (C-D, estimated)"
-    assert card.absolute.display == "~E (estimated)" and "M1/M2" in card.absolute_note
+    assert card.absolute is None and "no absolute class" in card.absolute_note and "M1/M2" in card.absolute_note
+    assert "~E" not in render_markdown(card)  # no absolute letter at all from an estimate, not even marked
     assert card.carbon.estimated
     svg = render_svg(card)
     assert "ESTIMATE — not a measured label" in svg and ">~C<" in svg
@@ -97,6 +99,23 @@ def test_absolute_grade_is_opt_in_and_protocol_checked(tmp_path):
                  "classes: [{letter: A, max: 1}, {letter: B, max: null}]\n")
     card = _card(absolute_scheme=str(p))
     assert card.absolute is None and "GO-1/b8" in card.absolute_note and "GO-1/b1" in card.absolute_note
+
+
+def test_absolute_scheme_accepts_only_its_anchored_workload():
+    s = load_scheme("absolute-go1")
+    assert s.accepts_protocol("GO-1/b1") and s.accepts_protocol("GO-1/b64")
+    assert not s.accepts_protocol("GO-1/b1/p64-n32") and not s.accepts_protocol("GO-1/b10x")
+    rel = load_scheme("relative-eu")
+    assert rel.accepts_protocol("GO-1/b1/p64-n32")  # a ratio holds under any preset, both sides alike
+
+
+def test_a_flagged_counter_reading_keeps_saying_it_is_a_counter_reading():
+    card = _card()
+    flagged = card.model_copy(update={"tier": "M2", "candidate": card.candidate.model_copy(
+        update={"tier": "M2", "source_tier": "M1", "flags": ("high-cv",)})})
+    md = render_markdown(flagged)
+    assert "hardware energy counter, flagged (high-cv): counted one tier down as M2" in md
+    assert "sampled power" not in md
 
 
 def test_build_card_checks_inputs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -78,4 +79,7 @@ class LabelScheme(Strict):
 
     def accepts_protocol(self, protocol_id: str) -> bool:
         """Whether a figure measured under ``protocol_id`` (e.g. ``GO-1/b1``) fits this scheme."""
+        if self.metric == "joules_per_token":  # absolute bands hold for the anchored workload (any batch) only
+            rest = protocol_id[len(self.protocol):] if protocol_id.startswith(self.protocol) else None
+            return rest is not None and re.fullmatch(r"(/b\d+)?", rest) is not None
         return protocol_id == self.protocol or protocol_id.startswith(self.protocol + "/")

@@ -136,15 +136,22 @@ def _absolute(cand: EnergyMeasurement, scheme: LabelScheme | None) -> tuple[Grad
         return None, "no absolute scheme selected (absolute classes are opt-in)"
     if not scheme.accepts_protocol(cand.protocol_id):
         return None, f"scheme {scheme.name} assumes protocol {scheme.protocol}; measured under {cand.protocol_id}"
-    g = grade_measurement(cand, scheme)
-    if cand.device.kind != "cuda" and not g.estimated:
-        # ENERGY.md §4: absolute letters only from M1/M2 figures on one accelerator.
-        g = g.model_copy(update={"estimated": True, "display": "~" + g.display.split(" (")[0]
-                                 + " (not on an accelerator)"})
-        return g, "absolute classes are issued only for figures measured on one accelerator"
-    if g.estimated:
-        return g, "absolute classes are issued only from M1/M2 figures; this one is an E1 estimate"
-    return g, None
+    # ENERGY.md §4: an absolute letter only from M1/M2 figures under the anchored workload on one
+    # accelerator; otherwise no class at all (the J/token figure is still printed).
+    if cand.tier == "E1":
+        return None, "no absolute class: absolute classes are issued only from M1/M2 figures, this one is an E1 estimate"
+    if cand.device.kind != "cuda":
+        return None, "no absolute class: absolute classes are issued only for figures measured on one accelerator"
+    return grade_measurement(cand, scheme), None
+
+
+def _tier_text(card: LabelCard) -> str:
+    """What the figures are: their source, and the checks that dropped their tier (never renamed)."""
+    c = card.candidate
+    if c.source_tier == card.tier:
+        return TIER_MEANING[card.tier]
+    return (f"{TIER_MEANING[c.source_tier]}, flagged ({', '.join(c.flags) or 'failed check'}): "
+            f"counted one tier down as {card.tier}")
 
 
 def _variant_info(name: str, hash_: str, rep: ApplyReport | None) -> VariantInfo:
@@ -261,7 +268,7 @@ def render_markdown(card: LabelCard) -> str:
     ]
     out += [f"| {name} | {_md(f(c))} | {_md(f(b))} |" for name, f in rows]
     out += ["", "## Measurement", "",
-            f"- Tier: {card.tier} ({TIER_MEANING[card.tier]}); a ratio takes the worse tier of its two sides",
+            f"- Tier: {card.tier} ({_tier_text(card)}); a ratio takes the worse tier of its two sides",
             f"- Boundary: {_md(d.boundary)}; meter: {_md(d.meter)}",
             f"- Device: {_md(d.name)} ({d.kind})",
             f"- Driver: {_md(d.driver or 'n/a')}",

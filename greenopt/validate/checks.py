@@ -43,7 +43,7 @@ def cross_field_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
         (issues, notes); notes say which checks could not run and why.
     """
     issues: list[Issue] = []
-    _scheme_and_target_issues(r, issues)
+    scheme_notes = _scheme_and_target_issues(r, issues)
     if r.measurement.meter == "estimate" and r.gate.require_tier in ("M1", "M2"):
         issues.append(Issue(path="gate.require_tier", message=(
             f"measurement.meter 'estimate' gives tier E1 but the gate requires {r.gate.require_tier}; "
@@ -56,15 +56,17 @@ def cross_field_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
     if r.search is not None:
         issues += _space_issues(r.search.space)
     cfg, notes, model_issues = model_config(r.model)
+    notes = scheme_notes + notes
     issues += model_issues
     if not issues and cfg is not None:
         issues += _architecture_issues(r, cfg)
     return issues, notes
 
 
-def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> None:
+def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> list[str]:
     protocol_id = r.resolved_protocol().id
-    schemes = {}
+    schemes, notes = {}, []
+    targets_absolute = r.search is not None and r.search.target_scheme == "absolute"
     for key, metric in (("relative", "eei"), ("absolute", "joules_per_token")):
         name = getattr(r.labels, key)
         if name is None:
@@ -77,9 +79,12 @@ def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> None:
         if s.metric != metric:
             issues.append(Issue(path=f"labels.{key}", message=f"scheme {s.name} grades {s.metric}; "
                                 f"the {key} scheme must grade {metric}"))
-        elif not s.accepts_protocol(protocol_id):
+        elif not s.accepts_protocol(protocol_id) and (key == "relative" or targets_absolute):
             issues.append(Issue(path=f"labels.{key}", message=f"scheme {s.name} assumes protocol {s.protocol}, "
                                 f"but the recipe measures under {protocol_id}"))
+        elif not s.accepts_protocol(protocol_id):
+            notes.append(f"labels.absolute: {s.name} issues no class under {protocol_id} (its bands hold for "
+                         f"{s.protocol} p256-n256 only); the card prints J/token without an absolute class")
         else:
             schemes[key] = s
     checks = [("gate.target", r.gate.target, "relative")]
@@ -96,6 +101,7 @@ def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> None:
         if letter is not None and s is not None and letter not in s.letters:
             issues.append(Issue(path=path, message=f"class {letter!r} is not in scheme {s.name} "
                                 f"(classes {', '.join(s.letters)})"))
+    return notes
 
 
 def _task_issues(r: Recipe, issues: list[Issue]) -> None:
