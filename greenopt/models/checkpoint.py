@@ -33,9 +33,8 @@ from greenopt.compress.q_packed import PackedEmbedding, PackedLinear
 from greenopt.compress.targeting import set_module
 from greenopt.compress.width import rebuild_width
 from greenopt.errors import ConfigError
+from greenopt.models.files import MODULES, WEIGHTS, check_folder
 
-MODULES = "greenopt_modules.json"
-WEIGHTS = "greenopt-model.safetensors"
 _GREENOPT_STRUCTURAL = {"MoefiedMLP", "ExpertWeight"}
 
 
@@ -473,6 +472,7 @@ def load(folder: str | Path, *, device: str = "cpu", dtype: str | None = None) -
         ConfigError: the folder holds no loadable checkpoint.
     """
     folder = Path(folder)
+    check_folder(folder)
     if (folder / MODULES).is_file():
         return load_greenopt(folder, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM

@@ -89,7 +89,7 @@ class ModelInfo(Record):
     """Where a model came from and what it is."""
 
     model_id: str
-    source: str  # "default" | "local" | "hub"
+    source: str  # "default" | "local" | "gguf" | "hub"
     path: str
     architecture: str
     num_layers: int
