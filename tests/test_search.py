@@ -241,7 +241,11 @@ def test_estimated_tier_is_marked(tmp_path):
 
 
 def test_absolute_scheme_minimises_joules_per_token(tmp_path):
-    res = search(make_spec(tmp_path, scheme="absolute-go1", target="C", n_trials=5), runner=FakeRunner())
+    spec = make_spec(tmp_path, scheme="absolute-go1", target="C", n_trials=5)
+    with pytest.raises(ConfigError, match="grades only GO-1 .*pass --protocol go1"):  # not under the cpu preset
+        search(spec, runner=FakeRunner())
+    spec = spec.model_copy(update={"fidelity": spec.fidelity.model_copy(update={"protocol": "go1"})})
+    res = search(spec, runner=FakeRunner(protocol_id="GO-1/b1"))
     assert res.metric == "joules_per_token" and res.objectives[1] == "minimize J/token"
     for r in res.trials:
         assert r.energy == r.joules_per_token

@@ -25,27 +25,31 @@ in a row stop the run. Ctrl-C tells the trial in flight FAIL("interrupted") and 
 result so far (``interrupted=True``); after a kill, ``resume=True`` marks the dead process's
 RUNNING trials failed and completes the budget. Lost trials do not count against it. The
 budget's ``timeout_s`` covers the whole run, loading the model included; ``stop_reason`` says
-what ended it.
+what ended it. One process runs a run folder (it holds ``runs/NAME/.lock``; more processes
+join a study through shared storage, as ``worker``), the storage is checked before the model
+loads, and a trial's file is written only once the study holds its result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import math
 import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from greenopt._io import write_json, write_text
-from greenopt.config import SearchSpec, dump_yaml, validated
+from greenopt.config import SearchSpec, dump_yaml, protocol_preset, validated
 from greenopt.env import set_threads
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import Goal, goal, grade_comparison, grade_measurement
@@ -83,8 +87,10 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
         ``pareto.png`` and ``pareto.html``).
 
     Raises:
-        ConfigError: unknown scheme or target class, a run-directory conflict, or a study
-            that already exists in shared storage without ``resume``.
+        ConfigError: unknown scheme or target class, a run-directory conflict, a run that
+            another live process holds (``runs/NAME/.lock``), a storage that cannot be used
+            (checked before the model loads), or a study that already exists in shared
+            storage without ``resume``.
         GreenoptError: the baseline trial failed (nothing can be compared), or
             ``_MAX_SAME_FAILURES`` trials in a row failed the same way (``result.json`` is
             still written; fix the cause and continue with ``resume=True``).
@@ -96,27 +102,28 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     """
     t0 = time.monotonic()  # the time limit covers the whole run, runner.prepare included
     target = _goal(spec)
-    rundir.check(spec, resume=resume, force=force)
     set_threads(spec.threads)
-    if runner is None:  # the runner search() builds, search() closes
-        with contextlib.closing(TransformersRunner(spec)) as own:
-            return search(spec, runner=own, progress=progress, on_trial=on_trial, resume=resume, force=force)
-    runner.prepare(progress)
-    rd = rundir.prepare(spec, resume=resume, force=force)
-    storage_url = spec.storage or rd.sqlite_url
-    study = study_storage.open_study(spec, storage_url, create=True, resume=resume)
-    study_storage.recover(study, shared=spec.storage is not None)
-    _ensure_baseline(study, spec, runner.num_layers)
-    write_json(rd.environment, rundir.environment(runner.environment()))
-    try:
-        interrupted, _ = _drive(study, spec, target, runner, rd, progress, on_trial, max_trials=None,
-                                shared=spec.storage is not None, started=t0)
-    except _RepeatedFailure:  # write what ran before stopping, then say why
-        write_json(rd.result, _result(study, spec, target, rd, storage_url, False, time.monotonic() - t0))
-        raise
-    result = _result(study, spec, target, rd, storage_url, interrupted, time.monotonic() - t0)
-    write_json(rd.result, result)
-    return result
+    with rundir.locked(rundir.run_dir(spec)) as rd, contextlib.ExitStack() as stack:
+        rundir.check(spec, resume=resume, force=force)
+        storage_url = spec.storage or rd.sqlite_url
+        study_storage.check_storage(storage_url)  # a bad URL or a dead server fails before the model loads
+        if runner is None:  # the runner search() builds, search() closes
+            runner = stack.enter_context(contextlib.closing(TransformersRunner(spec)))
+        runner.prepare(progress)
+        rundir.prepare(spec, resume=resume, force=force)
+        study = study_storage.open_study(spec, storage_url, create=True, resume=resume)
+        _recover(study, spec, rd)
+        _ensure_baseline(study, spec, runner.num_layers)
+        write_json(rd.environment, rundir.environment(runner.environment()))
+        try:
+            interrupted, _ = _drive(study, spec, target, runner, rd, progress, on_trial, max_trials=None,
+                                    shared=spec.storage is not None, started=t0)
+        except _RepeatedFailure:  # write what ran before stopping, then say why
+            write_json(rd.result, _result(study, spec, target, rd, storage_url, False, time.monotonic() - t0))
+            raise
+        result = _result(study, spec, target, rd, storage_url, interrupted, time.monotonic() - t0)
+        write_json(rd.result, result)
+        return result
 
 
 def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner: TrialRunner | None = None,
@@ -141,8 +148,10 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
         The records of the trials this worker ran.
 
     Raises:
-        ConfigError: the study does not exist or was not created by greenopt search.
+        ConfigError: the storage cannot be used (checked before the model loads), or the
+            study does not exist or was not created by greenopt search.
     """
+    study_storage.check_storage(storage)  # a bad URL or a dead server fails before the model loads
     probe = study_storage.open_storage(storage, shared=True, heartbeat_s=60)
     try:
         raw = optuna.load_study(study_name=study_name, storage=probe).user_attrs.get(study_storage.SPEC_ATTR)
@@ -152,18 +161,13 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
     if raw is None:
         raise ConfigError(f"study {study_name!r} was not created by greenopt search (no stored spec)")
     update = {"storage": storage, "study_name": study_name}
-    update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir), ("threads", threads)) if v is not None})
+    update.update({k: v for k, v in (("device", device), ("runs_dir", runs_dir), ("threads", threads))
+                   if v is not None})
     spec = validated(SearchSpec, {**raw, **update}, where=f"study {study_name} spec")
     target = _goal(spec)
     set_threads(spec.threads)
-    if runner is None:  # the runner worker() builds, worker() closes
-        with contextlib.closing(_default_runner(spec)) as own:
-            return worker(storage, study_name, n_trials, runner=own, device=device, runs_dir=runs_dir,
-                          threads=threads, progress=progress, on_trial=on_trial)
-    runner.prepare(progress)
     rd = rundir.run_dir(spec)
-    rd.trials.mkdir(parents=True, exist_ok=True)
-    study = study_storage.open_study(spec, storage, create=False)
+    rundir.make_dirs(rd)
     done: list[TrialRecord] = []
 
     def collect(rec: TrialRecord, best: TrialRecord | None) -> None:
@@ -171,7 +175,12 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
         if on_trial:
             on_trial(rec, best)
 
-    _drive(study, spec, target, runner, rd, progress, collect, max_trials=n_trials, shared=True)
+    with contextlib.ExitStack() as stack:
+        if runner is None:  # the runner worker() builds, worker() closes
+            runner = stack.enter_context(contextlib.closing(_default_runner(spec)))
+        runner.prepare(progress)
+        study = study_storage.open_study(spec, storage, create=False)
+        _drive(study, spec, target, runner, rd, progress, collect, max_trials=n_trials, shared=True)
     return tuple(done)
 
 
@@ -318,8 +327,9 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
     except BaseException:
         ctx.study.tell(trial, state=TrialState.FAIL)
         raise
-    base = dict(number=trial.number, variant=variant, variant_hash=variant.hash, params=dict(trial.params),
-                is_baseline=variant.is_baseline, device=ctx.runner.device_name, worker=ctx.worker, started=started)
+    base = {"number": trial.number, "variant": variant, "variant_hash": variant.hash, "params": dict(trial.params),
+            "is_baseline": variant.is_baseline, "device": ctx.runner.device_name, "worker": ctx.worker,
+            "started": started}
     try:
         with study_storage.Heartbeat(ctx.study, trial, ctx.spec.heartbeat_interval_s if ctx.shared else None):
             cached = study_storage.cached(ctx.study, variant.hash, ctx.runner.device_name, trial.number)
@@ -379,18 +389,52 @@ def _constraint(ctx: _Ctx, rec: TrialRecord) -> tuple[float, ...]:
 
 
 def _finish(ctx: _Ctx, trial: optuna.Trial, rec: TrialRecord) -> None:
-    """Writes the record (file, then study attrs) and tells the study the trial's state."""
+    """Stores the record (study attrs), tells the study the trial's state, then writes the file.
+
+    The file comes last, so it never says what the study does not (a tell refused because
+    another process finished the trial writes nothing).
+    """
+    try:
+        for key, value in (("record", rec.model_dump(mode="json")), ("variant_hash", rec.variant_hash),
+                           ("device", rec.device), ("lost", rec.lost)):
+            trial.set_user_attr(key, value)
+        if ctx.spec.constrain_sampler:
+            for key, value in zip(("class", "accuracy_drop"), rec.constraint):
+                trial.set_constraint(key, value)
+        if rec.state == "COMPLETE":
+            ctx.study.tell(trial, [rec.mean_accuracy, rec.energy])
+        else:
+            ctx.study.tell(trial, state=TrialState.PRUNED if rec.state == "PRUNED" else TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError as e:
+        raise GreenoptError(
+            f"trial {rec.number} was finished by another process while this one ran it (a second search on "
+            "the same study, or a worker that missed its heartbeats); its result was not recorded. Run one "
+            "search per run folder and add workers with greenopt worker") from e
     write_json(ctx.rd.trial_path(rec.number), rec)
-    for key, value in (("record", rec.model_dump(mode="json")), ("variant_hash", rec.variant_hash),
-                       ("device", rec.device), ("lost", rec.lost)):
-        trial.set_user_attr(key, value)
-    if ctx.spec.constrain_sampler:
-        for key, value in zip(("class", "accuracy_drop"), rec.constraint):
-            trial.set_constraint(key, value)
-    if rec.state == "COMPLETE":
-        ctx.study.tell(trial, [rec.mean_accuracy, rec.energy])
-    else:
-        ctx.study.tell(trial, state=TrialState.PRUNED if rec.state == "PRUNED" else TrialState.FAIL)
+
+
+_LOST = "lost: left running by a process that stopped"
+
+
+def _recover(study: optuna.Study, spec: SearchSpec, rd: rundir.RunDir) -> None:
+    """Fails the trials a dead process left RUNNING, and rewrites the trial file of each to say so."""
+
+    def lost(t: optuna.trial.FrozenTrial) -> TrialRecord | None:
+        path, raw = rd.trial_path(t.number), t.user_attrs.get("record")
+        if raw is None and path.is_file():  # written by a greenopt that wrote the file before telling
+            with contextlib.suppress(ValueError):
+                raw = json.loads(path.read_text())
+        try:
+            rec = None if raw is None else TrialRecord.model_validate(raw)
+        except ValueError:
+            rec = None
+        if rec is None:
+            path.unlink(missing_ok=True)  # a file the study has no record for would disagree with it
+            return None
+        return rec.model_copy(update={"state": "FAIL", "lost": True, "reason": _LOST})
+
+    for rec in study_storage.recover(study, shared=spec.storage is not None, lost=lost):
+        write_json(rd.trial_path(rec.number), rec)
 
 
 def _reason(e: BaseException) -> str:
@@ -427,7 +471,12 @@ def _default_runner(spec: SearchSpec) -> TrialRunner:
 
 
 def _goal(spec: SearchSpec) -> Goal:
-    return goal(spec.scheme, spec.target, spec.max_drop)
+    g = goal(spec.scheme, spec.target, spec.max_drop)
+    pid = protocol_preset(spec.fidelity.protocol).id
+    if not g.scheme.accepts_protocol(pid):
+        raise ConfigError(f"--scheme {g.scheme.name} grades only {g.scheme.protocol} (p256-n256), but the search "
+                          f"measures under {pid}; pass --protocol go1, or target a relative scheme")
+    return g
 
 
 # ---------------------------------------------------------------------------- result
@@ -454,8 +503,8 @@ def _result(study: optuna.Study, spec: SearchSpec, target: Goal, rd: rundir.RunD
         rd.chosen.unlink()
     result = SearchResult(
         run_dir=str(rd.root), study_name=study.study_name, storage=study_storage.redact(storage_url),
-        target=spec.target,
-        scheme=scheme.name, metric=scheme.metric, max_drop=spec.max_drop, objectives=study_storage.objective_names(scheme),
+        target=spec.target, scheme=scheme.name, metric=scheme.metric, max_drop=spec.max_drop,
+        objectives=study_storage.objective_names(scheme),
         n_trials=spec.n_trials, counts=counts, baseline=next((r for r in rows if r.is_baseline), None),
         front=tuple(sorted((r for r in rows if r.on_front), key=lambda r: -r.mean_accuracy)), trials=rows,
         chosen=next((r for r in rows if r.chosen), None),

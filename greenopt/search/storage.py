@@ -1,58 +1,230 @@
-"""The search's study and its storage: opening a study with its seeded sampler, reading its
-trial records, RDB engines, crash recovery, and trial heartbeats.
+"""The search's study and its storage: checking and opening storage URLs, opening a study with
+its seeded sampler, reading its trial records, crash recovery, and trial heartbeats.
 
 Private sqlite studies resume by failing trials a dead process left RUNNING; shared RDB
 storages (PostgreSQL) use Optuna heartbeats so the other workers fail a dead worker's trial.
+A storage URL that cannot work (malformed, a driver not installed, a server not reachable, a
+sqlite path in a missing folder) is a :class:`~greenopt.errors.ConfigError` naming the URL,
+its password hidden, and the fix.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import re
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import exc as sa_exc
 
 from greenopt.config import SearchSpec
 from greenopt.errors import ConfigError
 from greenopt.label import LabelScheme, load_scheme
 from greenopt.records import TrialRecord
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
+
 log = logging.getLogger(__name__)
+
+_URL_FORMS = "write it as postgresql://USER:PASSWORD@HOST/DB or sqlite:///PATH/study.db"
+_CONNECT_TIMEOUT_S = 15  # the check before the model loads must not hang on a silent host
+_DRIVER_FIX = {
+    "postgresql": "pip install psycopg2-binary, or name an installed driver (postgresql+psycopg2://...)",
+    "mysql": "pip install pymysql and write mysql+pymysql://...",
+}
+_SQLITE_OPTION = re.compile(r"^[A-Za-z_]+=[^&]*(&[A-Za-z_]+=[^&]*)*$")
+
+
+def storage_url(url: str) -> str:
+    """The URL given to SQLAlchemy: ``postgresql://`` names psycopg2 when only psycopg2 is installed.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the documented form must keep
+    working where only ``psycopg2-binary`` is installed.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme == "postgresql" and not _importable("psycopg") and _importable("psycopg2"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_storage(url: str) -> None:
+    """Checks that ``url`` can hold a study, before anything slow (loading a model) starts.
+
+    Parses the URL, imports its driver and opens one connection (a sqlite file: checks its
+    folder, and opens the file when it exists). Writes nothing.
+
+    Raises:
+        ConfigError: the URL is malformed, its driver is not installed, the server is not
+            reachable, or a sqlite path is unusable; the message names the redacted URL and the fix.
+    """
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = _check_sqlite(url, parsed)
+        if path is None or not path.is_file():
+            return
+    timeout = parsed.get_backend_name() in ("postgresql", "mysql", "mariadb")  # their drivers take connect_timeout
+    engine = _engine(url, parsed, poolclass=sqlalchemy.pool.NullPool,
+                     connect_args={"connect_timeout": _CONNECT_TIMEOUT_S} if timeout else {})
+    try:
+        with engine.connect() as conn:
+            if parsed.get_backend_name() == "sqlite":
+                conn.exec_driver_sql("PRAGMA schema_version")  # reads the header: "file is not a database"
+    except sa_exc.SQLAlchemyError as e:
+        raise _unreachable(url, e) from e
+    finally:
+        engine.dispose()
 
 
 def open_storage(url: str, *, shared: bool, heartbeat_s: int) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite"):
+    """The Optuna RDB storage at ``url`` (heartbeats on when ``shared``).
+
+    Raises:
+        ConfigError: as :func:`check_storage`.
+    """
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite(url, parsed)
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         kwargs = {"pool_pre_ping": True}
-    if shared:
+    beats: dict[str, Any] = {"heartbeat_interval": heartbeat_s, "grace_period": 3 * heartbeat_s} if shared else {}
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=3 * heartbeat_s)
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            return optuna.storages.RDBStorage(storage_url(url), engine_kwargs=kwargs, **beats)
+    except ImportError as e:
+        raise _no_driver(url, e) from e
+    except sa_exc.ArgumentError as e:
+        raise _bad_url(url, e) from e
+    except sa_exc.SQLAlchemyError as e:
+        raise _unreachable(url, e) from e
+
+
+def _parse(url: str) -> sqlalchemy.engine.URL:
+    where = redact(url)
+    if "{" in url or "}" in url:  # optuna formats the URL as a template (``{SCHEMA_VERSION}``)
+        raise ConfigError(f"storage {where}: '{{' and '}}' are read by Optuna as a template; "
+                          "write them as %7B and %7D, or rename the folder")
+    try:
+        parsed = sqlalchemy.engine.make_url(storage_url(url))
+    except sa_exc.ArgumentError as e:
+        raise _bad_url(url, e) from e
+    _, sep, options = url.partition("?")
+    if sep and parsed.get_backend_name() == "sqlite" and not _SQLITE_OPTION.match(options):
+        raise ConfigError(f"storage {where}: the sqlite path holds '?', which starts the URL's options; "
+                          "write it as %3F, or rename the folder")
+    return parsed
+
+
+def _check_sqlite(url: str, parsed: sqlalchemy.engine.URL) -> Path | None:
+    """The sqlite file's path once its folder is known to exist (None: in memory or a URI)."""
+    db = parsed.database
+    if not db or db == ":memory:" or parsed.query.get("uri") or db.startswith("file:"):
+        return None
+    path, where = Path(db), redact(url)
+    if path.is_dir():
+        raise ConfigError(f"storage {where}: {path} is a folder, not a database file; name a file such as "
+                          f"{path / 'study.db'}")
+    folder = path.parent
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage {where}: cannot write in folder {folder} (permission denied); "
+                              "choose a writable folder")
+        return path
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"storage {where}: {blocker} is a file, not a folder; fix the path or move the file")
+    raise ConfigError(f"storage {where}: folder {folder} does not exist; create it (mkdir -p {folder}) "
+                      "or fix the path")
+
+
+def _engine(url: str, parsed: sqlalchemy.engine.URL, **kwargs: Any) -> sqlalchemy.engine.Engine:
+    try:
+        return sqlalchemy.create_engine(parsed, **kwargs)
+    except ImportError as e:
+        raise _no_driver(url, e) from e
+    except sa_exc.ArgumentError as e:
+        raise _bad_url(url, e) from e
+
+
+def _bad_url(url: str, e: Exception) -> ConfigError:
+    if isinstance(e, sa_exc.NoSuchModuleError):
+        kind = url.partition("://")[0] or url
+        return ConfigError(f"storage {redact(url)}: unknown database kind {kind!r}; {_URL_FORMS}")
+    return ConfigError(f"storage {redact(url)} is not a database URL ({_first_line(url, e)}); {_URL_FORMS}")
+
+
+def _no_driver(url: str, e: ImportError) -> ConfigError:
+    cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+    kind = url.partition("://")[0].partition("+")[0]
+    fix = _DRIVER_FIX.get(kind, "install the SQLAlchemy driver it names")
+    return ConfigError(f"storage {redact(url)}: its database driver is not installed "
+                       f"({_first_line(url, cause)}); {fix}")
+
+
+def _unreachable(url: str, e: Exception) -> ConfigError:
+    what = _first_line(url, getattr(e, "orig", None) or e)
+    if url.startswith("sqlite"):
+        return ConfigError(f"storage {redact(url)}: cannot open the sqlite database ({what}); check that the "
+                           "path names a sqlite file in a writable folder")
+    return ConfigError(f"storage {redact(url)}: cannot connect ({what}); check that the server is running and "
+                       "reachable from here, and that the user, password and database exist")
+
+
+def _first_line(url: str, e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
+    try:
+        password = sqlalchemy.engine.make_url(url).password
+    except sa_exc.ArgumentError:
+        password = None
+    return text.replace(str(password), "***") if password else text
 
 
 def redact(url: str) -> str:
-    head, sep, tail = url.partition("@")
+    """``url`` with its credentials replaced by ``***`` (sqlite paths are kept as they are)."""
+    if url.startswith("sqlite"):
+        return url
+    head, sep, tail = url.rpartition("@")
     if not sep or "://" not in head:
         return url
     scheme, _, _ = head.partition("://")
     return f"{scheme}://***@{tail}"
 
 
-def recover(study: optuna.Study, *, shared: bool) -> None:
-    """Marks trials left RUNNING by a dead process as FAIL (all of them for a private study)."""
+def recover(study: optuna.Study, *, shared: bool,
+            lost: Callable[[FrozenTrial], TrialRecord | None] | None = None) -> list[TrialRecord]:
+    """Marks trials left RUNNING by a dead process as FAIL (all of them for a private study).
+
+    ``lost(trial)`` gives the record to store for such a trial (state FAIL, ``lost``), or
+    None when it has none; the records are returned, so the caller can rewrite their files.
+    """
     if shared:
         fail_stale(study)
-        return
+        return []
+    out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log.warning("trial %d was left running by a stopped process; marking it failed (lost)", t.number)
+        rec = lost(t) if lost is not None else None
+        storage = study._storage  # a RUNNING trial's attrs are set through its storage (no public handle)
+        storage.set_trial_user_attr(t._trial_id, "lost", True)
+        if rec is not None:
+            storage.set_trial_user_attr(t._trial_id, "record", rec.model_dump(mode="json"))
+            out.append(rec)
         study.tell(t.number, state=TrialState.FAIL)
+    return out
 
 
 def fail_stale(study: optuna.Study) -> None:
@@ -78,7 +250,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Self:
         if self._beat is not None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -175,8 +347,7 @@ def cached(study: optuna.Study, variant_hash: str, device: str, number: int) -> 
 def budget_left(study: optuna.Study, n_trials: int) -> int:
     used = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-            used += 1
-        elif t.state == TrialState.FAIL and "record" in t.user_attrs and not t.user_attrs.get("lost"):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+                t.state == TrialState.FAIL and "record" in t.user_attrs and not t.user_attrs.get("lost")):
             used += 1
     return n_trials - used

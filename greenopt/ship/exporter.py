@@ -1,7 +1,9 @@
 """Export a compressed model as a checkpoint that carries its energy label, and load it back.
 
-``export(model, tokenizer, variant, card, out_dir)`` writes, atomically (a temporary folder
-beside ``out_dir``, renamed into place; never half-written):
+``export(model, tokenizer, variant, card, out_dir)`` writes, atomically (a staging folder
+``.<out-name>.greenopt-staging-<pid>-*`` beside ``out_dir``, renamed into place; never
+half-written; the staging folders of killed exports are removed by the next export to the
+same ``out_dir``), with ordinary permissions (0666/0777 less the umask):
 
 - the weights as safetensors, with config, generation config and tokenizer;
 - ``label.json``, ``LABEL.md``, ``label.svg`` (the card) and a ``README.md`` model card;
@@ -32,13 +34,16 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from greenopt._io import library_versions, write_text
 from greenopt._version import __version__
@@ -78,7 +83,7 @@ class ExportProvenance(LabelSpec):
     protocol: Protocol | None = None
     eval: EvalSpec | None = None
     calib: CalibSpec = CalibSpec()
-    seeds: dict[str, int] = {}
+    seeds: dict[str, int] = Field(default_factory=dict)
     gate: Gate | None = None
     source: str | None = None
     apply_report: ApplyReport | None = None
@@ -113,11 +118,13 @@ def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: Label
             model holds a module greenopt cannot serialize (checked before writing).
     """
     out = Path(out_dir)
+    if out.parent.is_dir():
+        clean_stale(out)
     check_target(out, force)
     plan = em.plan_weights(model)
     prov = provenance or ExportProvenance(base_model=card.model_id if card else "unknown")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = _hidden_folder(out, "staging")
     try:
         em.write_weights(model, plan, tmp)
         tokenizer.save_pretrained(tmp)
@@ -128,6 +135,7 @@ def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: Label
         write_readme(tmp, card, manifest)
         if check_reload:
             _check_reload(model, tmp)
+        _open_up(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,10 +156,79 @@ def check_target(out: Path, force: bool) -> None:
                           "with --force; choose another --out")
 
 
+_STALE_AFTER_S = 24 * 3600  # a staging folder this old is stale even if its pid is alive (reused)
+
+
+def clean_stale(out: Path) -> None:
+    """Removes the staging folders that killed exports to ``out`` left beside it.
+
+    A folder is stale when its process (the pid in its name, on this machine) is gone, or
+    when it is older than a day. A killed ``--force`` export may have moved the previous
+    export aside without putting the new one in place: that export is moved back first.
+    """
+    prefix = f".{out.name}.greenopt-"
+    for p in sorted(out.parent.iterdir()):
+        m = re.fullmatch(re.escape(prefix) + r"(staging|old)-(\d+)-\w+", p.name)
+        if m is None or not p.is_dir() or not _stale(p, int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists() and (p / "export" / MANIFEST).is_file():
+            log.warning("restoring %s, which an export killed while replacing it left in %s", out, p.name)
+            os.replace(p / "export", out)
+        log.info("removing %s, left by a killed export", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _stale(folder: Path, pid: int) -> bool:
+    try:
+        if time.time() - folder.stat().st_mtime > _STALE_AFTER_S:
+            return True
+    except OSError:
+        return False
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _hidden_folder(out: Path, kind: str) -> Path:
+    """A new ``.<out-name>.greenopt-<kind>-<pid>-*`` folder beside ``out`` (mode 0777 less the umask)."""
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.greenopt-{kind}-{os.getpid()}-"))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _open_up(folder: Path) -> None:
+    """Ordinary permissions for everything in ``folder`` (mkdtemp/mkstemp make them owner-only)."""
+    mask = _umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = _hidden_folder(out, "old")
         os.replace(out, old / "export")
     try:
         os.replace(tmp, out)

@@ -3,8 +3,9 @@
 ``verify(VerifySpec(source="exports/int4", target="B", max_drop=0.01))`` re-measures the
 variant's J/token against its baseline and re-evaluates its accuracy (through
 :func:`greenopt.assess.assess`), then :func:`check_gate` decides. The gate cannot pass
-vacuously: no measurement, a tier below the one demanded, a protocol other than the recorded
-one, or a missing task is a failure, never a pass.
+vacuously: weights that changed since export (their SHA-256 against the manifest's, checked
+before measuring), no measurement, a tier below the one demanded, a protocol other than the
+recorded one, or a missing task is a failure, never a pass.
 
 Example:
     >>> from greenopt.ship.gate import VerifySpec, verify
@@ -16,9 +17,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 from pydantic import Field
 
@@ -35,7 +35,7 @@ from greenopt.config import (
 from greenopt.config.recipe import load_recipe
 from greenopt.errors import ConfigError
 from greenopt.records import TIER_ORDER, GateResult, LabelCard, Record, TaskLine, Tier
-from greenopt.ship.exporter import load_manifest
+from greenopt.ship.exporter import MANIFEST, files_sha256, load_manifest
 
 Progress = Callable[[str, int, int], None]
 _EPS = 1e-12
@@ -81,8 +81,8 @@ def _tier_failures(card: LabelCard, required: Tier | None) -> list[str]:
 def _class_failures(card: LabelCard, target: str) -> list[str]:
     letters = card.relative_scheme.letters
     if target not in letters:
-        return [f"target class {target!r} is not in scheme {card.relative_scheme.name} "
-                f"(classes {', '.join(letters)})"]
+        return [(f"target class {target!r} is not in scheme {card.relative_scheme.name} "
+                 f"(classes {', '.join(letters)})")]
     worst = card.relative.worst_letter
     if letters.index(worst) > letters.index(target):
         return [f"class {card.relative.display}: its worse end {worst} is worse than the target {target}"]
@@ -134,7 +134,7 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
     Returns:
         The verdict, with every failed check and a one-line reason.
     """
-    base = dict(target=target, max_drop=max_drop, required_tier=required_tier)
+    base = {"target": target, "max_drop": max_drop, "required_tier": required_tier}
     if card is None:
         return GateResult(passed=False, reason="no measurement: there is no label card to check",
                           failures=("no measurement: there is no label card to check",), **base)
@@ -146,8 +146,8 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
     failures += _class_failures(card, target)
     acc_failures, drops = _accuracy_failures(card, max_drop, tuple(expected_tasks))
     failures += acc_failures
-    facts = dict(display=card.relative.display, worst_letter=card.relative.worst_letter, tier=card.tier,
-                 protocol_id=card.protocol_id, task_drops=drops, card=card)
+    facts = {"display": card.relative.display, "worst_letter": card.relative.worst_letter, "tier": card.tier,
+             "protocol_id": card.protocol_id, "task_drops": drops, "card": card}
     if failures:
         return GateResult(passed=False, reason=failures[0], failures=tuple(failures), **base, **facts)
     return GateResult(passed=True, reason=_pass_line(card, target, max_drop, drops), **base, **facts)
@@ -197,6 +197,7 @@ class _Plan(Record):
     target: str
     max_drop: float | None
     require_tier: Tier | None
+    weights_sha256: str | None = None  # an export's recorded weights, re-hashed before measuring
 
 
 def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
@@ -205,7 +206,9 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     An export folder is loaded as shipped (transformers, or ``greenopt.load`` when its
     manifest says so) and measured against the recorded base model; a recipe's pinned variant
     is applied to its model in memory. The protocol, tasks, item limit and label schemes are
-    the recorded ones unless overridden; a protocol other than the recorded one fails.
+    the recorded ones unless overridden; a protocol other than the recorded one fails, and so
+    does an export whose weights no longer hash to the manifest's ``weights_sha256`` (both
+    before anything is measured).
 
     Args:
         spec: the source, the gate (target class, accuracy budget, tier) and the meter.
@@ -219,18 +222,41 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     """
 
     plan = _plan(spec)
+    changed = _weights_changed(plan)
+    if changed is not None:
+        return _refused(plan, changed)
     protocol = plan.assess.resolved_protocol()
     if protocol.id != plan.expected_protocol:
-        msg = (f"protocol changed: asked to measure under {protocol.id}, "
-               f"but {plan.expected_protocol} was recorded")
-        return GateResult(passed=False, reason=msg, failures=(msg,), target=plan.target,
-                          max_drop=plan.max_drop, required_tier=plan.require_tier)
+        return _refused(plan, f"protocol changed: asked to measure under {protocol.id}, "
+                              f"but {plan.expected_protocol} was recorded")
     if plan.max_drop is not None and plan.assess.eval is None:
         raise ConfigError("an accuracy budget (--max-drop) needs tasks; pass --tasks or record them in the recipe")
     result = assess(plan.assess, progress=progress)
     card = _relabel(result.card, plan) if plan.is_export else result.card
     tasks = plan.assess.eval.tasks if plan.assess.eval is not None else ()
     return check_gate(card, plan.target, plan.max_drop, plan.require_tier, plan.expected_protocol, tasks)
+
+
+def _refused(plan: _Plan, reason: str) -> GateResult:
+    """A gate failed before anything was measured."""
+    return GateResult(passed=False, reason=reason, failures=(reason,), target=plan.target,
+                      max_drop=plan.max_drop, required_tier=plan.require_tier)
+
+
+def _weights_changed(plan: _Plan) -> str | None:
+    """Why an export's weights are not the exported ones (None: they are, or not an export)."""
+    if plan.weights_sha256 is None:
+        return None
+    folder = plan.assess.model
+    try:
+        actual = files_sha256(folder)
+    except Exception as e:  # noqa: BLE001 - an unreadable weights file is a changed one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"weights changed since export: the weights in {folder} cannot be read ({first})"
+    if actual == plan.weights_sha256:
+        return None
+    return (f"weights changed since export: {folder}/*.safetensors sha256 {actual[:16]}… != recorded "
+            f"{plan.weights_sha256[:16]}… ({MANIFEST}); re-export the variant or restore the weight files")
 
 
 def _relabel(card: LabelCard, plan: _Plan) -> LabelCard:
@@ -295,6 +321,7 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
         target=_gate_target(spec.target, gate.target if gate else None, str(folder)),
         max_drop=spec.max_drop if spec.max_drop is not None else (gate.max_drop if gate else None),
         require_tier=spec.require_tier or (gate.require_tier if gate else None),
+        weights_sha256=m.weights_sha256,
     )
 
 
