@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from greenopt.config import protocol_preset
-from greenopt.errors import ConfigError
+from greenopt.errors import ConfigError, MeterError
 from greenopt.measure import workload
 from greenopt.measure.workload import compare, load_prompts, measure
 from greenopt.records import WindowResult
@@ -216,3 +216,12 @@ def test_compare_with_itself_gives_100(model, tok):
     assert cmp.eei == pytest.approx(100.0) and cmp.eei_ci == pytest.approx((100.0, 100.0))
     assert [t.generated_tokens for t in cmp.baseline.trials] == [t.generated_tokens for t in cmp.candidate.trials]
     assert cmp.baseline.joules_per_token == pytest.approx(2.0 / 8)
+
+
+def test_measuring_checks_the_model_sits_where_the_meter_measures(model, tok):
+    class OneGpu(FakeMeter):
+        def check_model(self, m):
+            raise MeterError("the model is on cpu but the meter measures cuda:0")
+
+    with pytest.raises(MeterError, match="measures cuda:0"):
+        measure(model, tok, protocol_preset("smoke"), OneGpu())

@@ -27,7 +27,8 @@ class Meter(abc.ABC):
 
     name: str = "meter"
     tier: Tier = "E1"
-    min_window_s: float = 0.0  # windows shorter than this are flagged "short-window"
+    min_window_s: float = 0.0  # windows shorter than this (s) are flagged "short-window"
+    notes: tuple[str, ...] = ()  # facts for DeviceInfo.notes (e.g. why this meter was chosen)
 
     @abc.abstractmethod
     def device(self) -> DeviceInfo:
@@ -43,6 +44,12 @@ class Meter(abc.ABC):
 
     def sync(self) -> None:
         """Waits for queued device work (``torch.cuda.synchronize`` on GPUs)."""
+
+    def check_model(self, model) -> None:
+        """Raises MeterError when this meter cannot measure ``model`` where it sits.
+
+        The default accepts any model; the NVML meter requires it wholly on its one GPU.
+        """
 
     @contextlib.contextmanager
     def window(self) -> Iterator[Window]:

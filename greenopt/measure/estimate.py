@@ -10,21 +10,23 @@ ratios of CPU time, which tracks energy only as far as power per busy core is co
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import greenopt.measure.tdp as tdp
 from greenopt.errors import ConfigError
 from greenopt.measure.base import Meter
 from greenopt.measure.rapl import cpu_model_name
 from greenopt.records import DeviceInfo, WindowResult
 
 DEFAULT_CPU_WATTS_PER_CORE = 10.0
-"""Default power of one busy core, in W.
+"""Power of one busy core, in W, when the CPU TDP table has no row for this CPU.
 
 CodeCarbon-style reasoning: power = TDP / cores x busy cores. CodeCarbon falls back to a
 TDP of 85 W when the CPU is unknown; on a typical 8-core part that is about 10.6 W per core.
 Published TDP/cores for current chips spans roughly 4-12 W (EPYC 7763: 280 W / 64 cores =
 4.4 W; Xeon 8380: 270 W / 40 = 6.8 W; desktop Core i7-12700: 125 W / 12 = 10.4 W), so 10 W
-is a round, deliberately unflattering figure. Override it with ``--cpu-watts`` when the
-machine's TDP per core is known.
+is a round, deliberately unflattering figure. When the CPU is in the TDP table
+(:mod:`greenopt.measure.tdp`), TDP / cores of that CPU is used instead; ``--cpu-watts`` overrides both.
 """
 
 
@@ -35,8 +37,15 @@ class EstimateMeter(Meter):
     (torch's intra-op threads included), so a window on N busy threads for t seconds counts
     N x t core-seconds.
 
+    Watts per busy core: ``cpu_watts_per_core`` when given (``--cpu-watts`` always wins); else
+    TDP / cores of this CPU from the TDP table (:func:`greenopt.measure.tdp.cpu_watts_per_core`);
+    else ``DEFAULT_CPU_WATTS_PER_CORE`` (10 W). The device notes say which, e.g.
+    ``"TDP table: Intel Xeon Gold 6338 205 W / 32 cores = 6.41 W/core (cores from /proc/cpuinfo)"``
+    or ``"no TDP row for <model>; default 10 W/core"``.
+
     Args:
-        cpu_watts_per_core: W per busy core; None uses ``DEFAULT_CPU_WATTS_PER_CORE`` (10 W).
+        cpu_watts_per_core: W per busy core; None looks the CPU up in the TDP table.
+        cpuinfo: the cpuinfo file naming the CPU (tests pass a fake).
 
     Raises:
         ConfigError: ``cpu_watts_per_core`` is not positive.
@@ -53,18 +62,25 @@ class EstimateMeter(Meter):
     tier = "E1"
     min_window_s = 0.01
 
-    def __init__(self, cpu_watts_per_core: float | None = None) -> None:
-        watts = DEFAULT_CPU_WATTS_PER_CORE if cpu_watts_per_core is None else float(cpu_watts_per_core)
+    def __init__(self, cpu_watts_per_core: float | None = None, *, cpuinfo: str | Path = "/proc/cpuinfo") -> None:
+        self.cpuinfo = cpuinfo
+        if cpu_watts_per_core is None:
+            found = tdp.cpu_watts_per_core(cpuinfo, default_w=DEFAULT_CPU_WATTS_PER_CORE)
+            watts, source = found.watts_per_core, found.note
+        else:
+            watts = float(cpu_watts_per_core)
+            source = f"--cpu-watts {watts:g} W/core (given)"
         if not watts > 0:
             raise ConfigError(f"--cpu-watts must be a positive number of W per core, got {cpu_watts_per_core}")
         self.cpu_watts_per_core = watts
+        self.watts_source = source
         self.notes: tuple[str, ...] = ()
 
     def device(self) -> DeviceInfo:
-        """The CPU model; the boundary states the estimate's formula."""
+        """The CPU model; the boundary states the estimate's formula, the notes where W/core came from."""
         boundary = f"process CPU time x {self.cpu_watts_per_core:.1f} W/core (estimate, not a measurement)"
-        return DeviceInfo(kind="cpu", name=cpu_model_name(), meter=self.name, boundary=boundary,
-                          notes=self.notes)
+        return DeviceInfo(kind="cpu", name=cpu_model_name(self.cpuinfo), meter=self.name, boundary=boundary,
+                          notes=(self.watts_source,) + self.notes)
 
     def _start(self) -> object:
         return time.process_time()

@@ -125,6 +125,7 @@ class _Runner:
         from transformers import GenerationConfig
 
         self.model, self.protocol, self.meter = model, protocol, meter
+        meter.check_model(model)  # NVML: every weight on the one metered GPU
         self.prompts = prompts.to(_model_device(model))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         common = dict(do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
@@ -359,7 +360,7 @@ def _summarise(r: _Runner, device: DeviceInfo, idle: WindowResult | None, foreig
         flags.append("high-cv")
     if len(r.trials) < MIN_TRIALS:
         flags.append("few-trials")
-    if foreign:
+    if foreign and "foreign-gpu-processes" not in flags:
         flags.append("foreign-gpu-processes")
     source: Tier = max((w.tier for w in r.windows), key=TIER_ORDER.index)
     energy = sum(t.energy_j for t in r.trials)

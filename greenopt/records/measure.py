@@ -18,7 +18,7 @@ class DeviceInfo(Record):
 
     kind: Literal["cuda", "cpu"]
     name: str
-    meter: str  # "nvml", "nvml-sampled", "rapl", "estimate", "fake"
+    meter: str  # "nvml", "nvml-sampled", "rapl", "rapl-zeusd", "hwmon", "estimate", "fake"
     boundary: str  # e.g. "GPU board (NVML)", "CPU package + DRAM (RAPL)"
     driver: str | None = None
     power_limit_w: float | None = None
