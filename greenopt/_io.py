@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from greenopt.errors import WriteError
 
 #: Distributions whose versions greenopt records in run folders, cards and export manifests.
 LIBRARIES = ("torch", "transformers", "safetensors", "bitsandbytes", "hqq", "torchao", "optuna", "lm-eval",
@@ -19,20 +23,44 @@ def write_bytes(path: str | Path, payload: bytes) -> None:
 
     The file is world-readable (0644; mkstemp's 0600 would hide shared caches, cards and
     exports from other users). A failure leaves the old file, or none, never a half-written one.
+
+    Raises:
+        WriteError: the folder or file cannot be written (read-only, no permission, disk full,
+            a part of the path is a file); the message names the path and the reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o644)
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: str | Path, e: OSError) -> WriteError:
+    """The :class:`WriteError` for an OSError met while writing ``path``."""
+    reason = (e.strerror or str(e)).lower()
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "free some space or choose another output folder"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = "a part of the path is a file; choose another output folder"
+    else:
+        fix = "choose a writable output folder"
+    err = WriteError(f"cannot write {path}: {reason}; {fix}")
+    err.errno = e.errno
+    return err
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,3 +19,8 @@ class ModelError(GreenoptError):
 
 class MoveError(GreenoptError):
     """A compression step cannot be applied as configured (checked before any work)."""
+
+
+class WriteError(GreenoptError, OSError):
+    """A failed write: one line naming the path, the reason and the fix (a GreenoptError, so the
+    CLI prints it alone), and still an OSError with the original ``errno`` for callers that catch one."""

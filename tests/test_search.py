@@ -79,7 +79,8 @@ def test_search_records_front_and_choice(tmp_path, with_plots):
     assert rd.png.stat().st_size > 1000 and "<svg" in rd.html.read_text()
     assert json.loads(rd.result.read_text()) == json.loads(json.dumps(to_json(res)))
     assert (rd.root / "environment.json").is_file() and (rd.root / "search.yaml").is_file()
-    assert render_front(res).row_count == len(res.front)
+    confirmed_off_front = [r for r in res.trials if r.confirmed and not r.on_front]
+    assert render_front(res).row_count == len(res.front) + len(confirmed_off_front)
     assert study.user_attrs[SPEC_ATTR] == spec.model_dump(mode="json")
 
 
@@ -404,3 +405,34 @@ def test_summary_says_what_ran_and_why_it_stopped(tmp_path):
     assert "4 of 8 trials ran" in text and "within 8" not in text
     assert "stopped: stopped after 3 identical failures (RuntimeError: x)" in text
     assert "not reached: No variant reached class A" in text and "in the 4 trials that ran" in text
+
+
+def test_the_pick_comes_from_confirmed_figures_not_the_lucky_search_reading(tmp_path):
+    plain = search(make_spec(tmp_path, name="plain", confirm_top=0), runner=FakeRunner())
+    lucky = plain.chosen
+    assert lucky is not None and not lucky.confirmed
+    # The search-time pick reads far worse when measured again; the others hold.
+    runner = FakeRunner(confirm_eei=lambda v, eei: eei * 3 if v.hash == lucky.variant_hash else eei)
+    res = search(make_spec(tmp_path, name="confirmed", confirm_top=3), runner=runner)
+    assert lucky.variant_hash in runner.confirmed and len(runner.confirmed) == 3
+    assert res.chosen is None or res.chosen.variant_hash != lucky.variant_hash
+    rows = {r.variant_hash: r for r in res.trials}
+    assert rows[lucky.variant_hash].confirmed and rows[lucky.variant_hash].search_display is not None
+    assert rows[lucky.variant_hash].eei == pytest.approx(3 * rows[lucky.variant_hash].search_energy, rel=0.01)
+    if res.chosen is not None:
+        assert res.chosen.confirmed and res.chosen.worst_letter in "ABC"
+    spec = make_spec(tmp_path, name="confirmed", confirm_top=3)
+    recs = records(load(spec))  # what `greenopt export --pick best` reads
+    pick = pareto.select(recs, goal(EU, "C"))
+    assert (pick is None) == (res.chosen is None) and (pick is None or pick.number == res.chosen.number)
+    assert res.confirm_s >= 0 and json.loads(run_dir(spec).trial_path(lucky.number).read_text())["confirmed"]
+
+
+def test_a_resumed_search_does_not_confirm_twice(tmp_path):
+    spec = make_spec(tmp_path, confirm_top=2, n_trials=6)
+    runner = FakeRunner()
+    search(spec, runner=runner)
+    assert len(runner.confirmed) == 2
+    again = FakeRunner()
+    search(spec.model_copy(update={"n_trials": 6}), runner=again, resume=True)
+    assert again.confirmed == []

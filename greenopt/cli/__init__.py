@@ -3,7 +3,8 @@
 One thin file per command group (``measure``: fetch, env, measure; ``search``: search, worker;
 ``ship``: apply, export, verify, label, recipe) over ``common``; only this file imports them.
 
-Errors caused by input or environment print one line (``greenopt: error: ...``) and exit 1.
+Errors caused by input or environment print one line (``greenopt: error: ...``) and exit 1;
+a usage error (a bad flag or value) prints one such line and exits 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -22,6 +24,14 @@ from greenopt.errors import GreenoptError
 
 #: The command files, in help order; each has ``add_parsers(sub)`` and ``HANDLERS``.
 COMMANDS = (measure, search, ship)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with greenopt's one-line usage errors; subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"greenopt: error: {message}; see {self.prog} --help\n")
+
 
 def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -51,7 +61,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="greenopt", description="Find the most accurate compressed LM variant that reaches an energy label. "
         "Every figure is measured and says how (tier M1/M2/E1, device, protocol).")
     parser.add_argument("--version", action="version", version=f"greenopt {__version__}")
@@ -66,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``greenopt`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its one line already printed)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     if not args.command:
         parser.print_help()
         return 2
@@ -76,16 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handlers[args.command](args) or 0)
     except GreenoptError as e:
-        print(f"greenopt: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e))
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        print(f"greenopt: error: {where}: {err['msg']}", file=sys.stderr)
-        return 1
+        return _fail(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+    except OSError as e:  # last resort: a path the checks did not foresee (permissions, disk full, a file)
+        return _fail(_os_error(e))
     except KeyboardInterrupt:
         print("greenopt: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"greenopt: error: {one_line}", file=sys.stderr)
+    return 1
+
+
+def _os_error(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return what
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    return f"{where}: {what}"
 
 
 if __name__ == "__main__":

@@ -10,10 +10,20 @@ from rich.table import Table
 
 from greenopt import offline
 from greenopt.assess import AssessSpec, assess
-from greenopt.cli.common import add_measure_args, console, emit_json, out, progress_bars
+from greenopt.cli.common import (
+    add_measure_args,
+    check_writable,
+    console,
+    emit_json,
+    out,
+    progress_bars,
+    whole,
+    write_card_folder,
+)
 from greenopt.config import EvalSpec, Variant, load_variant, protocol_preset
 from greenopt.evaluate.tasks import prepare_tasks
-from greenopt.label.card import render_json, write_card
+from greenopt.label import DEFAULT_GRID_G_PER_KWH
+from greenopt.label.card import render_json
 from greenopt.measure.select import meter_report
 from greenopt.models import default_model_dir
 
@@ -39,7 +49,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--baseline", help="the model EEI is relative to (default: --model uncompressed)")
     p.add_argument("--variant", help="variant YAML applied to --model before measuring")
     p.add_argument("--tasks", nargs="*", help="accuracy tasks (default: arc_easy piqa); none to skip")
-    p.add_argument("--limit", type=int, default=100, help="items per task (default 100; 0 = full sets)")
+    p.add_argument("--limit", type=whole(0, note=" (0 = full sets)"), default=100,
+                   help="items per task (default 100; 0 = full sets)")
     p.add_argument("--scheme", default="relative-eu", help="relative label scheme name or file")
     p.add_argument("--absolute-scheme", default="absolute-go1", help="absolute label scheme name or file")
     p.add_argument("--out", help="folder for label.json, LABEL.md, label.svg (default runs/measure-<model>)")
@@ -95,12 +106,14 @@ def cmd_measure(args) -> int:
         meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype or "auto",
         threads=args.threads,
         relative_scheme=args.scheme, absolute_scheme=args.absolute_scheme,
-        intensity_g_per_kwh=args.intensity or 475.0, trust_remote_code=args.trust_remote_code,
+        intensity_g_per_kwh=DEFAULT_GRID_G_PER_KWH if args.intensity is None else args.intensity,  # 0 is a real grid
+        trust_remote_code=args.trust_remote_code,
     )
+    check_writable(args.out or "runs", "--out")  # before minutes of measuring
     with progress_bars(not args.json) as progress:
         result = assess(spec, progress=progress)
     out_dir = Path(args.out or Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}")
-    paths = write_card(result.card, out_dir)
+    paths = write_card_folder(result.card, out_dir)
     if args.json:
 
         import json

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from greenopt.cli.common import console, emit_json, out, progress_bars
+from greenopt.cli.common import (
+    check_writable,
+    console,
+    emit_json,
+    out,
+    progress_bars,
+    thread_count,
+    whole,
+)
 from greenopt.config import SearchSpec, validated
 from greenopt.config.recipe import load_recipe
+from greenopt.config.search import MAX_TRIALS
 from greenopt.errors import ConfigError
 from greenopt.evaluate import validate_tasks
 from greenopt.report.plot import render_front
@@ -31,14 +40,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--target", help="label class to reach, e.g. A (default: A)")
     p.add_argument("--scheme", help="label scheme name or file (default: relative-eu)")
     p.add_argument("--max-drop", type=float, help="largest allowed mean-accuracy loss, a fraction (0.02 = 2 points)")
-    p.add_argument("--budget", type=int, help="number of trials, the baseline included (default: 20)")
+    p.add_argument("--budget", type=whole(1, MAX_TRIALS), help="number of trials, the baseline included (default: 20)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--sampler", choices=("tpe", "nsga2", "random"), help="Optuna sampler (default: tpe)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="do not start with each move of the space alone (default: warm start on)")
     p.add_argument("--seed", type=int, help="sampler and subset seed (default: 0)")
     p.add_argument("--tasks", nargs="+", help="accuracy tasks for the full fidelity (default: arc_easy piqa)")
-    p.add_argument("--limit", type=int, help="items per task in the full fidelity (default: 100)")
+    p.add_argument("--limit", type=whole(0, note=" (0 = full sets)"),
+                   help="items per task in the full fidelity (default: 100; 0 = full sets)")
     p.add_argument("--protocol", help="energy protocol preset for the full fidelity (default: cpu)")
     p.add_argument("--bits", type=int, nargs="+", help="bit widths the space may use, e.g. 16 8 4")
     p.add_argument("--methods", nargs="+", help="quantization backends, e.g. hqq rtn bnb_nf4")
@@ -49,7 +59,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--meter", help="auto, nvml, rapl or estimate (default: auto)")
     p.add_argument("--cpu-watts", type=float, help="watts per busy core for the estimate meter")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--name", help="run name: results go to runs/NAME (default: MODEL-TARGET)")
     p.add_argument("--runs-dir", help="parent folder of run folders (default: runs)")
     p.add_argument("--storage", help="Optuna RDB URL to share the study between workers")
@@ -61,10 +71,10 @@ def add_parsers(sub) -> None:
                        epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--storage", required=True, help="the RDB URL given to greenopt search --storage")
     p.add_argument("--study", required=True, help="the study name (the search's --name)")
-    p.add_argument("--trials", type=int, help="at most this many trials from this worker")
+    p.add_argument("--trials", type=whole(1, MAX_TRIALS), help="at most this many trials from this worker")
     p.add_argument("--device", help="this worker's device, e.g. cuda:1")
     p.add_argument("--runs-dir", help="where this worker writes trial records")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the trial records as JSON")
 
 
@@ -83,7 +93,8 @@ def _spec_from_args(args):
     for key, val in (("model", args.model), ("target", args.target), ("scheme", args.scheme),
                      ("max_drop", args.max_drop), ("n_trials", args.budget), ("timeout_s", args.timeout),
                      ("sampler", args.sampler), ("seed", args.seed), ("meter", args.meter),
-                     ("cpu_watts", args.cpu_watts), ("device", args.device), ("threads", args.threads), ("name", args.name),
+                     ("cpu_watts", args.cpu_watts), ("device", args.device), ("threads", args.threads),
+                     ("name", args.name),
                      ("runs_dir", args.runs_dir), ("storage", args.storage)):
         if val is not None:
             data[key] = val
@@ -105,12 +116,12 @@ def _spec_from_args(args):
     fidelity = dict(data.get("fidelity", {}))
     if args.protocol:
         fidelity["protocol"] = args.protocol
-    if args.tasks or args.limit:
+    if args.tasks or args.limit is not None:
         ev = dict(fidelity.get("eval", {}))
         if args.tasks:
             ev["tasks"] = tuple(args.tasks)
-        if args.limit:
-            ev["limit"] = args.limit
+        if args.limit is not None:
+            ev["limit"] = args.limit or None  # 0: full sets, as for greenopt measure
         fidelity["eval"] = ev
     data["space"], data["fidelity"] = space, fidelity
     return validated(SearchSpec, data, where="search")
@@ -132,16 +143,17 @@ def _live(console):
 
 def cmd_search(args) -> int:
     spec = _spec_from_args(args)
+    check_writable(spec.runs_dir, "--runs-dir")  # before the model loads
     validate_tasks(spec.fidelity.eval.tasks)
     with progress_bars(not args.json) as progress:
         result = search(spec, progress=progress, on_trial=None if args.json else _live(console),
                         resume=args.resume, force=args.force)
     if args.json:
         emit_json(to_json(result))
-        return 0
-    out.print(render_front(result))
-    render_outcome(result, out)
-    return 0
+    else:
+        out.print(render_front(result))
+        render_outcome(result, out)
+    return 130 if result.interrupted else 0  # Ctrl-C: the run is not finished (continue with --resume)
 
 
 def render_outcome(result, console) -> None:
@@ -177,8 +189,11 @@ def render_outcome(result, console) -> None:
 
 
 def cmd_worker(args) -> int:
+    if args.runs_dir:
+        check_writable(args.runs_dir, "--runs-dir")
     with progress_bars(not args.json) as progress:
-        done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir, threads=args.threads,
+        done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir,
+                      threads=args.threads,
                       progress=progress, on_trial=None if args.json else _live(console))
     if args.json:
         emit_json([r.model_dump(mode="json") for r in done])

@@ -12,12 +12,19 @@ import json
 import sys
 from pathlib import Path
 
-from greenopt.cli.common import emit_json, progress_bars
+from greenopt.cli.common import (
+    check_writable,
+    emit_json,
+    progress_bars,
+    thread_count,
+    whole,
+    write_card_folder,
+)
 from greenopt.cli.common import out as stdout
 from greenopt.compress import apply
 from greenopt.config import load_variant
 from greenopt.config.recipe import Recipe, load_recipe
-from greenopt.env import resolve_dtype
+from greenopt.env import resolve_dtype, set_threads
 from greenopt.errors import ConfigError
 from greenopt.label.card import load_card, write_card
 from greenopt.models import load_model
@@ -60,6 +67,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="export folder (default: the recipe's export.out)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the recipe's, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on cpu)")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     _common_export_args(p)
 
     p = sub.add_parser("export", help="export a search trial with its label card as a checkpoint")
@@ -77,13 +85,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--require-tier", choices=("M1", "M2", "E1"), help="weakest acceptable measurement tier")
     p.add_argument("--protocol", help="protocol preset; must equal the recorded one (default: recorded)")
     p.add_argument("--tasks", nargs="*", help="accuracy tasks (default: the recorded ones)")
-    p.add_argument("--limit", type=int, help="items per task (default: the recorded limit)")
+    p.add_argument("--limit", type=whole(1, note=" (leave --limit out for the recorded limit)"),
+                   help="items per task (default: the recorded limit)")
     p.add_argument("--baseline", help="where the base model is now (default: the recorded --model)")
     p.add_argument("--meter", default="auto", help="auto, nvml, rapl or estimate (default: auto)")
     p.add_argument("--cpu-watts", type=float, help="watts per busy core for the estimate meter")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: recorded)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--card-out", help="also write the re-measured label card to this folder")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
 
@@ -129,6 +138,7 @@ def cmd_apply(args) -> int:
     if not out:
         raise ConfigError("no output folder: pass --out (or set export.out in the recipe)")
     _refuse_existing(out, args.force)
+    set_threads(args.threads)
     device = args.device or (recipe.model.device if recipe and recipe.model.device != "auto" else "cpu")
     dtype = resolve_dtype(args.dtype or (recipe.model.dtype if recipe else None), device)
     calib = recipe.calibration if recipe else None
@@ -153,8 +163,8 @@ def _recipe_provenance(recipe) -> dict:
 
 def _refuse_existing(out: str, force: bool) -> None:
     # Fail before loading a model: export() checks again when it writes.
-
     check_target(Path(out), force)
+    check_writable(out, "--out")
 
 
 def cmd_export(args) -> int:
@@ -184,6 +194,8 @@ def _print_manifest(manifest, out: str, as_json: bool) -> int:
 
 
 def cmd_verify(args) -> int:
+    if args.card_out:
+        check_writable(args.card_out, "--card-out")
     spec = VerifySpec(source=args.source, target=args.target, max_drop=args.max_drop,
                       require_tier=args.require_tier, protocol=args.protocol,
                       tasks=tuple(args.tasks) if args.tasks is not None else None, limit=args.limit,
@@ -192,8 +204,7 @@ def cmd_verify(args) -> int:
     with progress_bars(not args.json) as progress:
         result = verify(spec, progress=progress)
     if args.card_out and result.card is not None:
-
-        write_card(result.card, args.card_out)
+        write_card_folder(result.card, args.card_out)
     if args.json:
 
         emit_json(json.loads(result.model_dump_json(exclude={"card"})))
@@ -207,7 +218,10 @@ def cmd_verify(args) -> int:
 
 def cmd_label(args) -> int:
     folder = Path(args.folder)
+    if folder.is_file():
+        raise ConfigError(f"{folder} is a file; pass the export folder that holds label.json")
     card = load_card(folder)
+    check_writable(folder, "folder")
     paths = write_card(card, folder)
     manifest = load_manifest(folder) if (folder / MANIFEST).is_file() else None
     paths["readme"] = write_readme(folder, card, manifest)

@@ -20,11 +20,11 @@ class Protocol(Strict):
     version: Literal[1] = 1
     preset: str = "go1"
     batch_size: int = Field(1, ge=1)
-    prompt_tokens: int = Field(256, ge=1)
-    new_tokens: int = Field(256, ge=1)
+    prompt_tokens: int = Field(256, ge=1, le=131072)
+    new_tokens: int = Field(256, ge=1, le=131072)
     warmup_generations: int = Field(3, ge=0)
     warmup_min_s: float = Field(3.0, ge=0)
-    trials: int = Field(5, ge=1)
+    trials: int = Field(5, ge=1, le=1000)
     trial_min_s: float = Field(10.0, ge=0)
     trial_min_tokens: int = Field(512, ge=1)
     cv_max: float = Field(0.05, gt=0)

@@ -42,6 +42,7 @@ from greenopt.config.protocol import (
     preset_of,
 )
 from greenopt.config.runtime import DType, LabelSpec, MeterName
+from greenopt.config.search import MAX_TRIALS, Seed
 from greenopt.errors import ConfigError
 
 _LETTER = r"^[A-Z][A-Za-z0-9+]{0,3}$"
@@ -100,15 +101,17 @@ class RecipeSearch(Strict):
     sampler: Literal["tpe", "nsga2", "random"] = _default("sampler")
     constrain_sampler: bool = _default("constrain_sampler")
     population_size: int | None = Field(_default("population_size"), ge=2)
-    n_trials: int = Field(_default("n_trials"), ge=1)
+    n_trials: int = Field(_default("n_trials"), ge=1, le=MAX_TRIALS)
     warm_start: bool = _default("warm_start")
     timeout_s: float | None = Field(_default("timeout_s"), gt=0)
-    seed: int = _default("seed")
+    seed: Seed = _default("seed")
     space: SpaceSpec = SpaceSpec()
     runs_dir: str = _default("runs_dir")
     storage: str | None = _default("storage")
     study_name: str | None = _default("study_name")
     heartbeat_interval_s: int = Field(_default("heartbeat_interval_s"), ge=1)
+    confirm_top: int = Field(_default("confirm_top"), ge=0, le=20)
+    confirm_comparisons: int = Field(_default("confirm_comparisons"), ge=2, le=20)
 
 
 class Measurement(Strict):
@@ -129,7 +132,7 @@ class Labels(Strict):
 class Carbon(Strict):
     """Grid intensity for the carbon line, gCO2e/kWh (475: IEA world average)."""
 
-    intensity_g_per_kwh: float = Field(475.0, gt=0)
+    intensity_g_per_kwh: float = Field(475.0, ge=0, allow_inf_nan=False)
 
 
 class Gate(Strict):
@@ -203,6 +206,7 @@ class Recipe(Strict):
             threads=self.measurement.threads, trust_remote_code=self.model.trust_remote_code,
             device=self.model.device, name=self.name, runs_dir=s.runs_dir, storage=s.storage,
             study_name=s.study_name, heartbeat_interval_s=s.heartbeat_interval_s,
+            confirm_top=s.confirm_top, confirm_comparisons=s.confirm_comparisons,
         )
 
 

@@ -41,9 +41,9 @@ class RuntimeSpec(DeviceSpec):
 
 class LabelSpec(Strict):
     """Which label schemes grade the figures (by shipped name or file path), and the grid
-    intensity of the carbon line in gCO2e/kWh (475: IEA world average). ``absolute_scheme=None``
-    leaves the absolute class off."""
+    intensity of the carbon line in gCO2e/kWh (475: IEA world average; 0 is a legitimate
+    all-renewable grid). ``absolute_scheme=None`` leaves the absolute class off."""
 
     relative_scheme: str = "relative-eu"
     absolute_scheme: str | None = "absolute-go1"
-    intensity_g_per_kwh: float = Field(475.0, gt=0)
+    intensity_g_per_kwh: float = Field(475.0, ge=0, allow_inf_nan=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -14,6 +14,12 @@ from greenopt.config.runtime import RuntimeSpec
 from greenopt.config.variant import QuantMethod
 
 SpaceBits = Literal[16, 8, 4, 3, 2]
+
+#: The most trials one search (or worker) may be asked for: a larger budget is a typo, not a plan.
+MAX_TRIALS = 100_000
+
+#: A sampler and subset seed: numpy's and Optuna's samplers take 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 PrunePattern = Literal["unstructured", "2:4"]
@@ -121,12 +127,12 @@ class SearchSpec(RuntimeSpec):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"  # scripts/bench_search.py compares them
     constrain_sampler: bool = True  # pass the target class and max_drop to the sampler as constraints
     population_size: int | None = Field(None, ge=2)  # NSGA-II; None: min(10, max(2, n_trials // 2))
-    n_trials: int = Field(20, ge=1)
+    n_trials: int = Field(20, ge=1, le=MAX_TRIALS)
     # After the baseline, try each move of the space alone (greenopt.search.space.single_moves) before
     # the sampler's own picks: the search starts from what a user would try by hand.
     warm_start: bool = True
     timeout_s: float | None = Field(None, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     space: SpaceSpec = SpaceSpec()
     fidelity: FidelitySpec = FidelitySpec()
     calib: CalibSpec = CalibSpec()
@@ -135,6 +141,11 @@ class SearchSpec(RuntimeSpec):
     storage: str | None = None
     study_name: str | None = None
     heartbeat_interval_s: int = Field(60, ge=1)  # RDB storages shared by workers
+    # After the budget, re-measure the best confirm_top trials for the target (topped up with the
+    # closest that missed it) with confirm_comparisons fresh comparisons each; the reported class
+    # and the choice come from those. 0 turns it off (the search's one comparison then decides).
+    confirm_top: int = Field(2, ge=0, le=20)
+    confirm_comparisons: int = Field(3, ge=2, le=20)
 
     @property
     def run_name(self) -> str:

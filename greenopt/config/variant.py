@@ -5,31 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from greenopt.config._base import Strict, load_yaml, validated
-
-
-class Target(Strict):
-    """Which modules a step touches, by qualified module name.
-
-    Patterns are globs (``*mlp*``) or regexes prefixed ``re:``. ``layers`` restricts to
-    decoder layer indices, e.g. ``"0-3,28"``. ``lm_head`` and ``model.embed_tokens`` are
-    ordinary names and can be targeted.
-    """
-
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ("lm_head", "*embed*")
-    layers: str | None = None
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_syntax(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_layers(v)
-        return v
 
 
 def parse_layers(spec: str) -> tuple[int, ...]:
@@ -44,9 +24,31 @@ def parse_layers(spec: str) -> tuple[int, ...]:
             raise ValueError(f"bad layer range {part!r}; write e.g. '0-3,28'")
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
-            raise ValueError(f"layer range {part!r} runs backwards")
+            raise ValueError(f"layer range {part!r} runs backwards; write it low-high, e.g. '{b}-{a}'")
         out.extend(range(a, b + 1))
     return tuple(sorted(set(out)))
+
+
+def _layers_syntax(v: str) -> str:
+    parse_layers(v)
+    return v
+
+
+#: Decoder layer indices as written in inputs (``"0-3,28"``), checked when the input is validated.
+Layers = Annotated[str, AfterValidator(_layers_syntax)]
+
+
+class Target(Strict):
+    """Which modules a step touches, by qualified module name.
+
+    Patterns are globs (``*mlp*``) or regexes prefixed ``re:``. ``layers`` restricts to
+    decoder layer indices, e.g. ``"0-3,28"``. ``lm_head`` and ``model.embed_tokens`` are
+    ordinary names and can be targeted.
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head", "*embed*")
+    layers: Layers | None = None
 
 
 QuantMethod = Literal["rtn", "hqq", "bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", "gptq"]
@@ -90,7 +92,7 @@ class WidthStep(Strict):
     ffn_keep: float = Field(1.0, gt=0, le=1)
     heads_keep: float = Field(1.0, gt=0, le=1)
     score: Literal["activation", "magnitude"] = "activation"
-    layers: str | None = None
+    layers: Layers | None = None
 
 
 class DepthStep(Strict):
@@ -99,7 +101,7 @@ class DepthStep(Strict):
     kind: Literal["depth"] = "depth"
     drop: int = Field(0, ge=0)
     score: Literal["angular"] = "angular"
-    layers: str | None = None  # explicit layers to drop; overrides the score when given
+    layers: Layers | None = None  # explicit layers to drop; overrides the score when given
 
 
 class MoefyStep(Strict):
@@ -108,10 +110,10 @@ class MoefyStep(Strict):
     kind: Literal["moefy"] = "moefy"
     experts: int = Field(8, ge=2)
     top_k: int = Field(2, ge=1)
-    layers: str | None = None
+    layers: Layers | None = None
 
     @model_validator(mode="after")
-    def _k_le_e(self) -> "MoefyStep":
+    def _k_le_e(self) -> MoefyStep:
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
         return self
@@ -126,7 +128,7 @@ class ExpertPruneStep(Strict):
 
 
 Step = Annotated[
-    Union[QuantizeStep, PruneStep, WidthStep, DepthStep, MoefyStep, ExpertPruneStep],
+    QuantizeStep | PruneStep | WidthStep | DepthStep | MoefyStep | ExpertPruneStep,
     Field(discriminator="kind"),
 ]
 

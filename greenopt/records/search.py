@@ -92,6 +92,20 @@ class TrialRecord(Record):
     started: str = ""
     duration_s: float = 0.0
     durations_s: dict[str, float] = {}
+    # After the budget the search re-measures its pick and runner-ups with fresh comparisons;
+    # these are the confirmed figures (the search-time ones above stay as they were read).
+    confirmed: Comparison | None = None
+    confirmed_grade: Grade | None = None
+
+    def confirmed_view(self) -> TrialRecord:
+        """This record with its confirmed figures in place of the search-time ones (itself when unconfirmed)."""
+        if self.confirmed is None or self.confirmed_grade is None:
+            return self
+        c, g = self.confirmed, self.confirmed_grade
+        relative = g.metric == "eei"
+        energy = c.eei if relative else c.candidate.joules_per_token
+        ci = c.eei_ci if relative else c.candidate.joules_per_token_ci
+        return self.model_copy(update={"comparison": c, "grade": g, "energy": energy, "energy_ci": ci})
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -165,6 +179,9 @@ class FrontRow(Record):
     estimated: bool
     weight_bytes: int | None
     tokens_per_s: float
+    confirmed: bool = False  # figures from the confirmation's fresh comparisons, not the search's one
+    search_energy: float | None = None  # the search-time figure, shown beside a confirmed one
+    search_display: str | None = None
 
 
 class SearchResult(Record):
@@ -192,4 +209,5 @@ class SearchResult(Record):
     stop_reason: str | None = None  # what ended the run: budget, time limit, Ctrl-C, repeated failures
     estimated: bool = False
     duration_s: float = 0.0
+    confirm_s: float = 0.0  # of duration_s: re-measuring the pick and runner-ups after the budget
     plots: dict[str, str] = {}

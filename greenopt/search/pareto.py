@@ -115,6 +115,9 @@ def feasible(record: TrialRecord, goal: Goal) -> bool:
 def select(records: Iterable[TrialRecord], goal: Goal) -> TrialRecord | None:
     """The feasible trial with the least accuracy loss versus the baseline (ties: lower energy).
 
+    Once the search has confirmed trials (fresh repeated comparisons after the budget), only
+    confirmed trials can be chosen, on their confirmed figures.
+
     Args:
         records: trial records of one study.
         goal: the class to reach (the worse letter of each interval counts) and the
@@ -123,6 +126,9 @@ def select(records: Iterable[TrialRecord], goal: Goal) -> TrialRecord | None:
     Returns:
         The chosen record, or None when no trial is feasible.
     """
+    records = list(records)
+    if any(r.confirmed is not None for r in records):  # confirmed figures decide, and only they
+        records = [r.confirmed_view() for r in records if r.confirmed is not None]
     ok = [r for r in records if feasible(r, goal)]
     if not ok:
         return None
@@ -183,7 +189,10 @@ def _limit(r: TrialRecord, goal: Goal) -> str:
 
 
 def row(record: TrialRecord, *, chosen: bool = False, on_front: bool = False) -> FrontRow:
-    """The table row of a measured record (``record.measured`` must hold)."""
+    """The table row of a measured record (``record.measured`` must hold); a confirmed record
+    shows its confirmed figures with the search-time ones beside them."""
+    searched = record
+    record = record.confirmed_view()
     c, g = record.comparison, record.grade
     assert c is not None and g is not None and record.eval is not None
     return FrontRow(
@@ -194,7 +203,9 @@ def row(record: TrialRecord, *, chosen: bool = False, on_front: bool = False) ->
         joules_per_token=c.candidate.joules_per_token, joules_per_token_ci=c.candidate.joules_per_token_ci,
         tier=c.tier, eei=c.eei, eei_ci=c.eei_ci, display=g.display, worst_letter=g.worst_letter,
         estimated=g.estimated, weight_bytes=record.apply.weight_bytes_after if record.apply else None,
-        tokens_per_s=c.candidate.tokens_per_s,
+        tokens_per_s=c.candidate.tokens_per_s, confirmed=record is not searched,
+        search_energy=searched.energy if record is not searched else None,
+        search_display=searched.grade.display if record is not searched and searched.grade else None,
     )
 
 

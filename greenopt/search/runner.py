@@ -35,9 +35,9 @@ from greenopt.config import SearchSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.measure.select import select_meter
-from greenopt.measure.workload import compare
+from greenopt.measure.workload import compare, compare_repeated
 from greenopt.models import load_model
-from greenopt.records import EvalResult, QuickLook, RunOutcome
+from greenopt.records import Comparison, EvalResult, QuickLook, RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class TrialRunner(Protocol):
 
     def environment(self) -> dict[str, Any]:
         """Facts about the model, device and meter for ``environment.json``."""
+
+    def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
+        """``repeats`` fresh comparisons of ``variant`` against the baseline, combined
+        (:func:`greenopt.measure.workload.compare_repeated`) under the full protocol."""
 
     def close(self) -> None:
         """Frees the model."""
@@ -200,6 +204,20 @@ class TransformersRunner:
             return RunOutcome(apply=report, quick=quick, eval=ev, comparison=cmp, durations_s=times)
         finally:
             del cand
+            _free()
+
+    def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
+        base = self._need_model()
+
+        def pair(r: int):  # fresh copies of both sides, the variant re-applied (seeded: same weights)
+            cand = copy.deepcopy(base)
+            apply(cand, variant, ctx=self._ctx)
+            return copy.deepcopy(base), cand
+
+        try:
+            return compare_repeated(pair, self._tok, protocol_preset(self.spec.fidelity.protocol), self._meter,
+                                    repeats, progress=_prefixed(progress, "confirm"))
+        finally:
             _free()
 
     def _quick_look(self, base: Any, cand: Any, cut: Cuts, progress: Progress | None,

@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from greenopt.config import SearchSpec
 from greenopt.errors import ConfigError
 from greenopt.label import LabelScheme, load_scheme
-from greenopt.records import TrialRecord
+from greenopt.records import Comparison, Grade, TrialRecord
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -323,10 +323,30 @@ def make_sampler(spec: SearchSpec, seed_offset: int = 0) -> optuna.samplers.Base
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    """The TrialRecords stored in a study, by trial number (trials lost to a crash have none)."""
-    out = [TrialRecord.model_validate(t.user_attrs["record"])
-           for t in study.get_trials(deepcopy=False) if "record" in t.user_attrs]
+    """The TrialRecords stored in a study, by trial number (trials lost to a crash have none),
+    with the confirmation of each confirmed trial merged in (:func:`save_confirmation`)."""
+    attrs = study.user_attrs
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if "record" not in t.user_attrs:
+            continue
+        rec = TrialRecord.model_validate(t.user_attrs["record"])
+        conf = attrs.get(f"{CONFIRMED_ATTR}.{rec.number}")
+        if conf is not None:
+            rec = rec.model_copy(update={"confirmed": Comparison.model_validate(conf["comparison"]),
+                                         "confirmed_grade": Grade.model_validate(conf["grade"])})
+        out.append(rec)
     return sorted(out, key=lambda r: r.number)
+
+
+CONFIRMED_ATTR = "greenopt.confirmed"
+
+
+def save_confirmation(study: optuna.Study, number: int, comparison: Comparison, grade: Grade) -> None:
+    """Stores trial ``number``'s confirmed figures as a study attribute (a finished trial's own
+    attributes cannot change); :func:`records` merges them into the trial's record."""
+    study.set_user_attr(f"{CONFIRMED_ATTR}.{number}", {"comparison": comparison.model_dump(mode="json"),
+                                                       "grade": grade.model_dump(mode="json")})
 
 
 def objective_names(scheme: LabelScheme) -> tuple[str, str]:

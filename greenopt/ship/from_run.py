@@ -4,10 +4,12 @@ base model, and export it with a label card built from the trial's own measureme
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 
 from greenopt.compress import apply
 from greenopt.config import SearchSpec, load_yaml, protocol_preset, validated
@@ -21,6 +23,8 @@ from greenopt.search import pareto, records
 from greenopt.search import storage as study_storage
 from greenopt.search.rundir import RunDir
 from greenopt.ship.exporter import ExportProvenance, export
+
+log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "best", force: bool = False,
@@ -63,8 +67,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
                  if r.is_baseline and r.measured), None)
     if base is None:
         raise ConfigError(f"{run_dir}: the baseline trial has no evaluation; the card needs its accuracy")
-    env = json.loads(rd.environment.read_text()) if rd.environment.is_file() else {}
-    dtype = spec.dtype if spec.dtype != "auto" else str(env.get("dtype") or "float32")
+    dtype = spec.dtype if spec.dtype != "auto" else str(_environment(rd).get("dtype") or "float32")
     model, tok, info = load_model(spec.model, dtype=dtype, device=device)
     report = apply(model, rec.variant, tokenizer=tok, calib=spec.calib, progress=progress)
     if rec.apply is not None and (report.params_after, report.weight_bytes_after) != (
@@ -92,26 +95,44 @@ def _is_relative(scheme: str) -> bool:
     return load_scheme(scheme).metric == "eei"
 
 
+def _environment(rd: RunDir) -> dict[str, Any]:
+    """``environment.json`` (the search's dtype); a missing or unreadable one is skipped with a warning."""
+    if not rd.environment.exists():
+        return {}
+    try:
+        env = json.loads(rd.environment.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        log.warning("%s ignored (%s); assuming the search ran in float32", rd.environment, e)
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
 def run_records(rd: RunDir, spec: SearchSpec) -> list[TrialRecord]:
     """The trial records of a run, read from its study (the source of truth).
 
     The study is the run's sqlite file or ``spec.storage`` (a shared RDB where ``greenopt
     worker`` processes on other machines recorded their trials); ``trials/*.json`` is only a
-    cache of it and is never read here.
+    cache of it and is never read here, so a corrupt or missing trial file does not matter.
 
     Raises:
-        ConfigError: the study cannot be found or opened.
+        ConfigError: the study cannot be found, opened or read (a corrupt ``study.db``).
     """
     url = spec.storage or rd.sqlite_url
     if spec.storage is None and not rd.study_db.is_file():
         raise ConfigError(f"{rd.root}: no study ({rd.study_db.name} is missing); export reads the trials from "
                           "the study, so copy the whole run folder, or pass the run's --storage")
-    storage = study_storage.open_storage(url, shared=spec.storage is not None, heartbeat_s=spec.heartbeat_interval_s)
     try:
+        storage = study_storage.open_storage(url, shared=spec.storage is not None,
+                                             heartbeat_s=spec.heartbeat_interval_s)
         study = optuna.load_study(study_name=spec.resolved_study_name, storage=storage)
+        return records(study)
     except KeyError:
         raise ConfigError(f"{rd.root}: no study {spec.resolved_study_name!r} in {study_storage.redact(url)}") from None
-    return records(study)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        why = str(getattr(e, "orig", None) or type(e).__name__).splitlines()[0]
+        fix = (f"restore {rd.study_db.name} from a copy of the run" if spec.storage is None
+               else "check that the storage is reachable")
+        raise ConfigError(f"{rd.root}: cannot read the study in {study_storage.redact(url)} ({why}); {fix}") from None
 
 
 def _picked(rd: RunDir, spec: SearchSpec, recs: dict[int, TrialRecord], pick: str | int) -> int:

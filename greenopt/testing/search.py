@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable
 
 from greenopt.config import Variant, parse_layers
+from greenopt.measure import stats
 from greenopt.records import (
     Comparison,
     DeviceInfo,
@@ -156,10 +157,13 @@ class FakeRunner:
     def __init__(self, num_layers: int = 12, *, tasks: tuple[str, ...] = ("arc_easy", "piqa"), tier: Tier = "M1",
                  device_name: str = "fake device", fail: Callable[[Variant], BaseException | None] | None = None,
                  half_width: float | None = None, sleep_s: float = 0.0,
-                 protocol_id: str = "GO-1/b1/p64-n32") -> None:
+                 protocol_id: str = "GO-1/b1/p64-n32",
+                 confirm_eei: Callable[[Variant, float], float] | None = None) -> None:
         self._layers, self.tasks, self.tier, self._device = num_layers, tasks, tier, device_name
         self.fail, self.half_width, self.sleep_s, self.protocol_id = fail, half_width, sleep_s, protocol_id
+        self.confirm_eei = confirm_eei
         self.calls: list[str] = []
+        self.confirmed: list[str] = []
         self.prepared = False
 
     def prepare(self, progress: Progress | None = None) -> None:
@@ -210,6 +214,18 @@ class FakeRunner:
             quick = None
         cmp = fake_comparison(eei, hw, tier=self.tier, device=self._device, protocol_id=self.protocol_id)
         return RunOutcome(quick=quick, eval=self._eval(loss), comparison=cmp, durations_s={"fake_s": self.sleep_s})
+
+    def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
+        """Repeated comparisons around ``confirm_eei(variant, search_eei)`` (default: the search's
+        own EEI), spread +-3% between the repeats."""
+        self.confirmed.append(variant.hash)
+        eei, _, _ = surrogate(variant, self._layers)
+        eei = self.confirm_eei(variant, eei) if self.confirm_eei else eei
+        runs = [eei * (1 + 0.03 * (k - (repeats - 1) / 2) / max(1, (repeats - 1) / 2)) for k in range(repeats)]
+        hw = eei * 0.02
+        point, ci = stats.combine_eei(runs, [(x - hw, x + hw) for x in runs])
+        cmp = fake_comparison(point, 0.0, tier=self.tier, device=self._device, protocol_id=self.protocol_id)
+        return cmp.model_copy(update={"eei_ci": ci, "interval": "repeated", "runs": tuple(runs)})
 
     def _eval(self, loss: float) -> EvalResult:
         scores = []
