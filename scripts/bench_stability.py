@@ -58,7 +58,7 @@ def one(variant: Path | None, args, workdir: Path) -> dict:
     wall = time.monotonic() - t0
     if r.returncode != 0:
         raise SystemExit(f"measure failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-    card = json.loads(r.stdout)
+    card = json.loads(r.stdout)["card"]
     rel = card["relative"]
     runs = card.get("eei_runs") or [rel["value"]]
     return {"eei": rel["value"], "ci": rel["interval"], "display": rel["display"], "runs": runs,

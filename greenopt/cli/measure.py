@@ -54,6 +54,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--scheme", default="relative-eu", help="relative label scheme name or file")
     p.add_argument("--absolute-scheme", default="absolute-go1", help="absolute label scheme name or file")
     p.add_argument("--out", help="folder for label.json, LABEL.md, label.svg (default runs/measure-<model>)")
+    p.add_argument("--comparisons", type=whole(1, 50), default=3,
+                   help="independent comparisons behind the reported EEI and interval (default 3; 1 gives an "
+                        "in-run interval only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.add_argument("--json", action="store_true", help="print the label card as JSON")
     add_measure_args(p)
@@ -107,7 +110,7 @@ def cmd_measure(args) -> int:
         threads=args.threads,
         relative_scheme=args.scheme, absolute_scheme=args.absolute_scheme,
         intensity_g_per_kwh=DEFAULT_GRID_G_PER_KWH if args.intensity is None else args.intensity,  # 0 is a real grid
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, comparisons=args.comparisons,
     )
     check_writable(args.out or "runs", "--out")  # before minutes of measuring
     with progress_bars(not args.json) as progress:

@@ -19,6 +19,8 @@ def test_measure_default_model_card(tmp_path, capsys):
     assert card["tier"] == "E1" and card["relative"]["display"].startswith("~")
     # The model against itself: EEI near 100 (same run, A B A B).
     assert 60 < card["relative"]["value"] < 160
+    # Reported from 3 fresh comparisons, and the card says so.
+    assert "over 3 comparisons" in card["interval_note"] and len(card["eei_runs"]) == 3
     assert card["candidate"]["tokens_per_s"] > 1
     assert card["accuracy"][0]["n"] == 20
 
