@@ -5,18 +5,13 @@ label schemes, J/token for absolute ones), then picks, among trials whose measur
 reaches ``spec.target`` (the worse letter of the interval counts), the one that loses the
 least accuracy. The study is the source of truth: trial 0 is the baseline
 (``enqueue_trial``), every trial is told COMPLETE, PRUNED or FAIL through ask/tell with its
-:class:`~greenopt.search.pareto.TrialRecord` as a user attribute, the sampler sees the target class
+:class:`~greenopt.records.TrialRecord` as a user attribute, the sampler sees the target class
 and accuracy budget as constraints, and the storage (sqlite in ``runs/NAME/`` by default, or
 an RDB URL shared with ``worker`` processes) makes the search resumable.
 
-Example:
-    >>> from greenopt.config import SearchSpec
-    >>> from greenopt.search import search
-    >>> from greenopt.testing.search import FakeRunner
-    >>> result = search(SearchSpec(target="C", n_trials=8, runs_dir=str(tmp)),
-    ...                 runner=FakeRunner())                    # doctest: +SKIP
-    >>> result.chosen.display                                   # doctest: +SKIP
-    'C'
+After the budget the pick and its runner-ups are re-measured with fresh repeated comparisons
+(``spec.confirm_top`` x ``spec.confirm_comparisons``); the reported class and the choice come
+from those (an example is in :mod:`greenopt.search`).
 
 Failures: an expected failure (a GreenoptError, out of memory, a kernel's RuntimeError) is
 told FAIL with its traceback in the trial record and the log, and the search goes on; anything
