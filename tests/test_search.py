@@ -436,3 +436,19 @@ def test_a_resumed_search_does_not_confirm_twice(tmp_path):
     again = FakeRunner()
     search(spec.model_copy(update={"n_trials": 6}), runner=again, resume=True)
     assert again.confirmed == []
+
+
+@pytest.mark.parametrize("error,raised", [(RuntimeError("kernel broke"), False), (TypeError("a bug"), True)])
+def test_a_failed_confirmation_leaves_the_trial_unconfirmed_and_a_bug_is_raised(tmp_path, error, raised):
+    class Breaks(FakeRunner):
+        def confirm(self, variant, repeats, *, progress=None):
+            raise error
+
+    spec = make_spec(tmp_path, confirm_top=2, n_trials=6)
+    if raised:
+        with pytest.raises(TypeError, match="a bug"):
+            search(spec, runner=Breaks())
+        return
+    res = search(spec, runner=Breaks())
+    assert not any(r.confirmed for r in res.trials)
+    assert res.chosen is None or not res.chosen.confirmed  # nothing confirmed: the search's own figures decide

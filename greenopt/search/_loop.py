@@ -50,7 +50,7 @@ from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import Goal, goal, grade_comparison, grade_measurement
 from greenopt.records import RunOutcome, SearchResult, TrialRecord
 from greenopt.report import plot
-from greenopt.search import pareto, rundir, space
+from greenopt.search import confirm, failures, pareto, rundir, space
 from greenopt.search import storage as study_storage
 from greenopt.search.runner import Cuts, Progress, TransformersRunner, TrialRunner
 
@@ -116,7 +116,7 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
         except _RepeatedFailure:  # write what ran before stopping, then say why
             write_json(rd.result, _result(study, spec, target, rd, storage_url, False, time.monotonic() - t0))
             raise
-        confirm_s = 0.0 if interrupted else _confirm(study, spec, target, runner, rd, progress)
+        confirm_s = 0.0 if interrupted else confirm.confirm(study, spec, target, runner, rd, progress)
         result = _result(study, spec, target, rd, storage_url, interrupted, time.monotonic() - t0)
         result = result.model_copy(update={"confirm_s": confirm_s})
         write_json(rd.result, result)
@@ -222,26 +222,10 @@ class _Ctx:
 STOP_REASON_ATTR = "greenopt.stop_reason"
 _MAX_SAME_FAILURES = 3  # identical consecutive failures (same reason) that stop the search
 
-# Expected trial failures: recorded FAIL (with traceback) and the search goes on. torch's
-# OutOfMemoryError and kernel errors from torch/bitsandbytes are RuntimeErrors. Anything
-# else (TypeError, KeyError, AssertionError, NotImplementedError, ...) is a bug: re-raised.
-_EXPECTED = (GreenoptError, MemoryError, RuntimeError)
-_BUGS = (NotImplementedError, RecursionError)  # RuntimeError subclasses that mean a bug
 
 
 class _RepeatedFailure(GreenoptError):
     """The same failure several trials in a row: more trials would only repeat it."""
-
-
-def _expected(e: BaseException) -> bool:
-    return isinstance(e, _EXPECTED) and not isinstance(e, _BUGS)
-
-
-def _traceback(e: BaseException, limit: int = 20_000) -> str:
-    import traceback
-
-    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
 def _stopped(study: optuna.Study, reason: str) -> str:
@@ -297,7 +281,7 @@ def _drive(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRun
             log.warning("interrupted; trial %d recorded as failed, resume with --resume", trial.number)
             return True, _stopped(study, f"interrupted after {ran} trials")
         except Exception as e:
-            _stopped(study, f"stopped by an unexpected error in trial {trial.number}: {_reason(e)}")
+            _stopped(study, f"stopped by an unexpected error in trial {trial.number}: {failures.reason(e)}")
             raise
         ran += 1
         if rec.is_baseline and rec.state == "FAIL":
@@ -345,11 +329,11 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
                                         duration_s=time.monotonic() - t0))
         raise
     except Exception as e:
-        # Expected failures (see _EXPECTED) are recorded and the search goes on; a bug is
+        # Expected failures (see failures.EXPECTED) are recorded and the search goes on; a bug is
         # recorded too, then re-raised (like Optuna's catch=()).
-        rec = TrialRecord(**base, state="FAIL", reason=_reason(e), traceback=_traceback(e),
+        rec = TrialRecord(**base, state="FAIL", reason=failures.reason(e), traceback=failures.traceback_text(e),
                           duration_s=time.monotonic() - t0)
-        if not _expected(e):
+        if not failures.expected(e):
             log.error("trial %d: unexpected %s (a bug, not a trial failure); recorded as failed, stopping",
                       trial.number, rec.reason)
             _finish(ctx, trial, rec)
@@ -434,14 +418,6 @@ def _recover(study: optuna.Study, spec: SearchSpec, rd: rundir.RunDir) -> None:
         write_json(rd.trial_path(rec.number), rec)
 
 
-def _reason(e: BaseException) -> str:
-    import torch
-
-    kind = "out of memory" if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else type(e).__name__
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{kind}: {text}"[:500] if text else kind
-
-
 def _cuts(spec: SearchSpec, target: Goal) -> Cuts | None:
     fid = spec.fidelity
     ppl = fid.perplexity_cut if fid.perplexity_windows else None
@@ -465,51 +441,6 @@ def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> 
 
 def _default_runner(spec: SearchSpec) -> TrialRunner:
     return TransformersRunner(spec)
-
-
-def _confirm(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRunner, rd: rundir.RunDir,
-             progress: Progress | None) -> float:
-    """Re-measures the pick and its runner-ups with fresh repeated comparisons; returns the seconds it took.
-
-    The search's own figure is one comparison (an in-run interval); the reported class and the
-    choice come from these. Already confirmed trials (a resumed run) are not measured again.
-    An expected failure leaves that trial unconfirmed (so it cannot be chosen) and goes on.
-    """
-    if spec.confirm_top == 0:
-        return 0.0
-    t0 = time.monotonic()
-    todo = _to_confirm(study_storage.records(study), target, spec.confirm_top)
-    for i, rec in enumerate(todo):
-        if rec.confirmed is not None and len(rec.confirmed.runs) == spec.confirm_comparisons:
-            continue
-        if progress:
-            progress("confirm", i, len(todo))
-        try:
-            cmp = runner.confirm(rec.variant, spec.confirm_comparisons, progress=progress)
-        except _EXPECTED as e:
-            log.warning("could not confirm trial %d: %s", rec.number, _reason(e))
-            continue
-        grade = (grade_comparison(cmp, target.scheme) if target.scheme.relative
-                 else grade_measurement(cmp.candidate, target.scheme))
-        study_storage.save_confirmation(study, rec.number, cmp, grade)
-        write_json(rd.trial_path(rec.number), rec.model_copy(update={"confirmed": cmp, "confirmed_grade": grade}))
-        log.info("confirmed trial %d: %s (search read %s)", rec.number, grade.display,
-                 rec.grade.display if rec.grade else "?")
-    if progress:
-        progress("confirm", len(todo), len(todo))
-    took = time.monotonic() - t0
-    log.info("confirmation of %d trials x %d comparisons took %.0f s", len(todo), spec.confirm_comparisons, took)
-    return took
-
-
-def _to_confirm(recs: list[TrialRecord], target: Goal, k: int) -> list[TrialRecord]:
-    """The best ``k`` trials that reached the goal at search time (least accuracy loss first),
-    topped up with the closest that did not (lowest worse end of the energy interval)."""
-    measured = [r for r in recs if r.measured and not r.is_baseline]
-    ok = sorted((r for r in measured if pareto.feasible(r, target)),
-                key=lambda r: (r.accuracy_drop if r.accuracy_drop is not None else math.inf, r.energy, r.number))
-    near = sorted((r for r in measured if not pareto.feasible(r, target)), key=lambda r: (r.energy_worst, r.number))
-    return (ok + near)[:k]
 
 
 def _goal(spec: SearchSpec) -> Goal:
