@@ -168,10 +168,17 @@ def render_outcome(result, console) -> None:
     if result.estimated:
         console.print("[yellow]energy figures are E1 estimates (no hardware counter here): classes are "
                       "shown as ~X (estimated), never as plain letters[/yellow]")
+    confirmed = [r for r in result.trials if r.confirmed]
+    if confirmed:
+        console.print(f"confirmed {len(confirmed)} trials with fresh repeated comparisons in "
+                      f"{result.confirm_s / 60:.1f} min: " + "; ".join(
+                          f"trial {r.number} {r.display} (search read {r.search_display})" for r in confirmed))
     if result.chosen is not None:
         c = result.chosen
+        how = ("interval over repeated comparisons" if c.confirmed
+               else "in-run interval from the search's one comparison")
         console.print(f"[bold green]chosen[/bold green]: trial {c.number} {c.steps} -> class {c.display}, "
-                      f"EEI {c.eei:.1f} [{c.eei_ci[0]:.1f}, {c.eei_ci[1]:.1f}], mean accuracy "
+                      f"EEI {c.eei:.1f} [{c.eei_ci[0]:.1f}, {c.eei_ci[1]:.1f}] ({how}), mean accuracy "
                       f"{c.mean_accuracy:.3f}")
         console.print(f"variant file: {result.chosen_path}")
         console.print(f"export it: {result.export_command}")
