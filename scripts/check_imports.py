@@ -92,7 +92,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("greenopt.compress",),
     ("greenopt.models", "greenopt.measure", "greenopt.evaluate", "greenopt.testing"),
     ("greenopt.label",),
-    ("greenopt.report", "greenopt.assess"),
+    ("greenopt.report", "greenopt.assess", "greenopt.calibrate"),
     ("greenopt.search", "greenopt.testing.search"),
     ("greenopt.validate", "greenopt.ship"),
     ("greenopt.cli",),

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Noise floors a user calibrated on this machine must not change what the tests measure.
+os.environ["GREENOPT_CALIBRATION"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"greenopt-test-calibration-{os.getpid()}")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

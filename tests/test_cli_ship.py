@@ -173,9 +173,14 @@ def test_verify_recipe_passes_and_fails_on_tier(tiny_dir, tmp_path, capsys):
                                  "protocol": "smoke", "evaluation": {"tasks": []}, "gate": {"target": "G"},
                                  "measurement": {"meter": "estimate"}}))
     card_dir = tmp_path / "card"
-    assert run(["verify", str(f), "--meter", "estimate", "--device", "cpu", "--card-out", str(card_dir)]) == 0
-    assert "PASS" in capsys.readouterr().out and (card_dir / "label.json").is_file()
-    assert run(["verify", str(f), "--meter", "estimate", "--device", "cpu", "--require-tier", "M2"]) == 1
+    assert run(["verify", str(f), "--meter", "estimate", "--device", "cpu"]) == 1
+    assert "pass --allow-estimate to accept an estimate" in capsys.readouterr().err
+    assert run(["verify", str(f), "--meter", "estimate", "--device", "cpu", "--allow-estimate",
+                "--card-out", str(card_dir)]) == 0
+    passed = capsys.readouterr().out
+    assert "PASS" in passed and "accepted because of --allow-estimate" in passed and (card_dir / "label.json").is_file()
+    assert run(["verify", str(f), "--meter", "estimate", "--device", "cpu", "--allow-estimate",
+                "--require-tier", "M2"]) == 1
     verdicts = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("greenopt: ")]
     assert len(verdicts) == 1 and verdicts[0].startswith("greenopt: verify failed: tier E1 is an estimate")
 
@@ -204,7 +209,8 @@ def test_apply_recipe_then_verify_the_export_uses_the_recorded_gate(tiny_dir, tm
     f = tmp_path / "pinned.yaml"
     f.write_text(yaml.safe_dump({"model": str(tiny_dir), "variant": {"steps": [{"kind": "depth", "layers": "2"}]},
                                  "protocol": "smoke", "evaluation": {"tasks": []},
-                                 "gate": {"target": "G", "require_tier": "E1"}, "calibration": {"seed": 5},
+                                 "gate": {"target": "G", "require_tier": "E1", "allow_estimate": True},
+                                 "calibration": {"seed": 5},
                                  "export": {"out": str(tmp_path / "exp")}}))
     assert run(["apply", str(f)]) == 0
     m = load_manifest(tmp_path / "exp")

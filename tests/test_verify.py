@@ -56,8 +56,8 @@ def make_card(eei: float = 45.0, eei_ci: tuple[float, float] = (43.0, 47.0), tie
 TASKS = ("arc_easy", "piqa")
 
 
-def gate(card, target="B", max_drop=0.01, tier=None, protocol="GO-1/b1", tasks=TASKS) -> GateResult:
-    return check_gate(card, target, max_drop, tier, protocol, tasks)
+def gate(card, target="B", max_drop=0.01, tier=None, protocol="GO-1/b1", tasks=TASKS, allow=True) -> GateResult:
+    return check_gate(card, target, max_drop, tier, protocol, tasks, allow_estimate=allow)
 
 
 def test_good_card_passes():
@@ -107,7 +107,14 @@ def test_tier_requirement(card_tier, required, ok):
 
 def test_estimate_pass_says_estimated():
     r = gate(make_card(tier="E1"))
-    assert r.passed and "estimated" in r.reason
+    assert r.passed and "estimated" in r.reason and "--allow-estimate" in r.reason and r.allow_estimate
+
+
+@pytest.mark.parametrize("required", [None, "E1", "M2"])
+def test_an_estimate_never_passes_without_allow_estimate(required):
+    r = gate(make_card(tier="E1"), tier=required, allow=False)
+    assert not r.passed and r.reason.startswith("tier E1 is an estimate") and "--allow-estimate" in r.reason
+    assert gate(make_card(tier="M1"), tier=required, allow=False).passed  # a counter needs no flag
 
 
 def test_downgraded_measurement_names_the_failed_check():
@@ -188,19 +195,22 @@ def base_and_export(tmp_path_factory):
 
 def test_verify_export_end_to_end(base_and_export):
     spec = VerifySpec(source=str(base_and_export / "export"), target="G", meter="estimate", tasks=(),
-                      device="cpu")
+                      device="cpu", allow_estimate=True)
     r = verify(spec)
     assert r.passed, r.reason
     assert r.card is not None and r.card.variant.name == "depth-2" and r.card.protocol_id == "GO-1/b1/p8-n4"
     assert r.card.model_id == str(base_and_export / "base")
     strict = verify(spec.model_copy(update={"require_tier": "M1"}))
     assert not strict.passed and strict.reason.startswith("tier E1 is an estimate")
+    plain = verify(spec.model_copy(update={"allow_estimate": None}))
+    assert not plain.passed and "--allow-estimate" in plain.reason
 
 
 def test_verify_export_with_a_card_uses_its_recorded_schemes_and_tasks(base_and_export):
     folder = base_and_export / "labelled"
     assert (folder / "scheme-relative.yaml").is_file()
-    r = verify(VerifySpec(source=str(folder), target="G", meter="estimate", device="cpu", tasks=()))
+    r = verify(VerifySpec(source=str(folder), target="G", meter="estimate", device="cpu", tasks=(),
+                          allow_estimate=True))
     assert r.passed, r.reason
     assert r.card.relative_scheme.name == "relative-eu" and r.card.variant.name == "depth-2"
 

@@ -1,6 +1,6 @@
 """greenopt's command line: parse -> call one library verb -> render -> exit code.
 
-One thin file per command group (``measure``: fetch, env, measure; ``search``: search, worker;
+One thin file per command group (``measure``: fetch, env, measure; ``calibrate``; ``search``: search, worker;
 ``ship``: apply, export, verify, label, recipe) over ``common``; only this file imports them.
 
 Errors caused by input or environment print one line (``greenopt: error: ...``) and exit 1;
@@ -19,11 +19,11 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from greenopt._version import __version__
-from greenopt.cli import measure, search, ship
+from greenopt.cli import calibrate, measure, search, ship
 from greenopt.errors import GreenoptError
 
 #: The command files, in help order; each has ``add_parsers(sub)`` and ``HANDLERS``.
-COMMANDS = (measure, search, ship)
+COMMANDS = (measure, calibrate, search, ship)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,10 +44,15 @@ EPILOG_VERIFY = """examples:
   greenopt verify exports/int4 --target B --max-drop 0.01
   greenopt verify exports/int4 --target B --max-drop 0.01 --require-tier M1 --meter nvml
   greenopt verify recipes/ci/pinned-depth4.yaml --target E --max-drop 0.03
+  greenopt verify exports/int4 --target B --allow-estimate   # no RAPL/NVML here: accept tier E1
+
+An estimate (tier E1) never passes unless --allow-estimate (or gate.allow_estimate in the recipe)
+says so, and a pass on one says it was estimated.
 
 exit status: 0 when every check passes; 1 with one line on stderr naming the first failure
 (class worse than the target at the worse end of its interval, accuracy drop over budget,
-tier below --require-tier, a changed protocol, a missing task or no measurement).
+tier below --require-tier, an estimate without --allow-estimate, a changed protocol, a missing task or
+no measurement).
 """
 
 EPILOG_APPLY = """examples:
@@ -83,6 +88,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--target", help="worst acceptable relative class, e.g. B (default: recorded gate target)")
     p.add_argument("--max-drop", type=float, help="accuracy budget per task, 0.01 = one point")
     p.add_argument("--require-tier", choices=("M1", "M2", "E1"), help="weakest acceptable measurement tier")
+    p.add_argument("--allow-estimate", action=argparse.BooleanOptionalAction, default=None,
+                   help="accept a tier-E1 estimate where no energy counter can be read (default: the recorded "
+                        "gate's allow_estimate, else refuse); the verdict repeats it")
     p.add_argument("--protocol", help="protocol preset; must equal the recorded one (default: recorded)")
     p.add_argument("--tasks", nargs="*", help="accuracy tasks (default: the recorded ones)")
     p.add_argument("--limit", type=whole(1, note=" (leave --limit out for the recorded limit)"),
@@ -197,7 +205,7 @@ def cmd_verify(args) -> int:
     if args.card_out:
         check_writable(args.card_out, "--card-out")
     spec = VerifySpec(source=args.source, target=args.target, max_drop=args.max_drop,
-                      require_tier=args.require_tier, protocol=args.protocol,
+                      require_tier=args.require_tier, allow_estimate=args.allow_estimate, protocol=args.protocol,
                       tasks=tuple(args.tasks) if args.tasks is not None else None, limit=args.limit,
                       baseline=args.baseline, meter=args.meter, cpu_watts=args.cpu_watts, device=args.device,
                       dtype=args.dtype, threads=args.threads)

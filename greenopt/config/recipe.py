@@ -136,11 +136,13 @@ class Carbon(Strict):
 
 
 class Gate(Strict):
-    """Defaults for ``greenopt verify``: worst acceptable class, accuracy budget, weakest tier."""
+    """Defaults for ``greenopt verify``: worst acceptable class, accuracy budget, weakest tier, and
+    whether a tier-E1 estimate may pass at all (``allow_estimate``; the verdict says so)."""
 
     target: str | None = Field(None, pattern=_LETTER)
     max_drop: float | None = Field(None, ge=0, le=1)
     require_tier: Tier | None = None
+    allow_estimate: bool = False
 
 
 class ExportSection(Strict):

@@ -151,13 +151,14 @@ def combine_eei(points: Sequence[float], intervals: Sequence[tuple[float, float]
                 floor_log_sd: float = 0.0) -> tuple[float, tuple[float, float]]:
     """One EEI and 95% interval from R independent comparisons of the same pair.
 
-    Works on log EEI. The point is the geometric mean of the R EEIs. The standard error adds
-    the between-comparison variance (sample variance of the R log EEIs, ddof=1), the mean
-    within-comparison variance (each in-run interval read as +-1.96 sd on the log scale) and
-    the machine's noise floor ``floor_log_sd`` (the between-comparison sd of A/A runs, from
-    ``greenopt calibrate``), each divided by R; the interval uses Student's t with R-1 degrees
-    of freedom (the normal quantile for R = 1, where no between term can be estimated and only
-    the within term and the floor remain).
+    Works on log EEI. The point is the geometric mean of the R EEIs. The variance of one
+    comparison is the between-comparison variance plus the mean within-comparison variance
+    (each in-run interval read as +-1.96 sd on the log scale); the between term is the sample
+    variance of the R log EEIs (ddof=1), but never less than the square of the machine's noise
+    floor ``floor_log_sd`` (the between-comparison sd of A/A runs, from ``greenopt calibrate``):
+    with R = 3 the sample variance alone is often far too small. The standard error divides by
+    R; the interval uses Student's t with R-1 degrees of freedom, or the normal quantile for
+    R = 1, where only the floor stands for the between term.
 
     Raises:
         ValueError: no point, a non-positive EEI or interval end, or lengths that differ.
@@ -170,8 +171,8 @@ def combine_eei(points: Sequence[float], intervals: Sequence[tuple[float, float]
         raise ValueError("EEI values and interval ends must be positive")
     logs, r = np.log(x), x.size
     within = float(np.mean(((np.log(hi) - np.log(lo)) / (2 * _Z95)) ** 2))
-    between = float(np.var(logs, ddof=1)) if r > 1 else 0.0
-    se = math.sqrt((between + within + floor_log_sd ** 2) / r)
+    between = max(float(np.var(logs, ddof=1)) if r > 1 else 0.0, floor_log_sd ** 2)
+    se = math.sqrt((between + within) / r)
     q = _t95(r - 1) if r > 1 else _Z95
     centre = float(np.mean(logs))
     return math.exp(centre), (math.exp(centre - q * se), math.exp(centre + q * se))

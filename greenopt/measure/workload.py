@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import greenopt.measure.noise as noise
 import greenopt.measure.stats as stats
 from greenopt.config import Protocol
 from greenopt.errors import ConfigError, MeterError
@@ -307,15 +308,20 @@ _SIDES = ("baseline", "candidate")
 
 
 def compare_repeated(pair: Callable[[int], tuple], tokenizer, protocol: Protocol, meter: Meter, repeats: int, *,
-                     floor_log_sd: float = 0.0, progress: Progress | None = None) -> Comparison:
+                     floor_log_sd: float | None = None, progress: Progress | None = None) -> Comparison:
     """``repeats`` independent comparisons of the same pair, combined into one reported figure.
 
     ``pair(r)`` builds fresh copies of both models for comparison ``r`` (the variant re-applied,
     so memory placement and process state differ as they would on a rerun); each comparison
     draws its own starting side and prompt order. The EEI and interval come from
-    :func:`~greenopt.measure.stats.combine_eei` on log EEI (between-comparison variance, the mean
-    in-run variance and the machine's noise floor ``floor_log_sd``); the measurements shown are
+    :func:`~greenopt.measure.stats.combine_eei` on log EEI (between-comparison variance, never
+    below the machine's noise floor, plus the mean in-run variance); the measurements shown are
     those of the comparison whose EEI is the median, and ``runs`` lists every comparison's EEI.
+
+    The noise floor is ``floor_log_sd`` when given, else :func:`greenopt.measure.noise.floor_for`
+    (this machine's ``greenopt calibrate`` figure for the meter, protocol and thread count; for an
+    uncalibrated estimate, the stated default). A single comparison with a floor comes back
+    ``floored``; with none, ``in-run``.
 
     Raises:
         MeterError, ConfigError: as :func:`compare`.
@@ -327,13 +333,18 @@ def compare_repeated(pair: Callable[[int], tuple], tokenizer, protocol: Protocol
         base, cand = pair(r)
         runs.append(compare(base, cand, tokenizer, protocol, meter, progress=_prefixed(progress, r, repeats)))
         del base, cand
-    if repeats == 1 and floor_log_sd == 0.0:
+    choice = (noise.FloorChoice(floor_log_sd, "given by the caller" if floor_log_sd else None)
+              if floor_log_sd is not None else
+              noise.floor_for(meter.name, runs[0].tier, protocol.id, torch.get_num_threads()))
+    if repeats == 1 and choice.log_sd == 0.0:
         return runs[0]
-    eei, ci = stats.combine_eei([c.eei for c in runs], [c.eei_ci for c in runs], floor_log_sd)
+    eei, ci = stats.combine_eei([c.eei for c in runs], [c.eei_ci for c in runs], choice.log_sd)
     mid = sorted(runs, key=lambda c: c.eei)[(len(runs) - 1) // 2]
-    log.info("EEI %.1f [%.1f, %.1f] over %d comparisons (%s)", eei, ci[0], ci[1], repeats, protocol.id)
-    return mid.model_copy(update={"eei": eei, "eei_ci": ci, "interval": "repeated",
-                                  "runs": tuple(c.eei for c in runs), "floor_log_sd": floor_log_sd})
+    log.info("EEI %.1f [%.1f, %.1f] over %d comparisons (%s, floor %.3f)", eei, ci[0], ci[1], repeats,
+             protocol.id, choice.log_sd)
+    return mid.model_copy(update={"eei": eei, "eei_ci": ci, "interval": "repeated" if repeats > 1 else "floored",
+                                  "runs": tuple(c.eei for c in runs), "floor_log_sd": choice.log_sd,
+                                  "floor_source": choice.source})
 
 
 def _prefixed(progress: Progress | None, r: int, repeats: int) -> Progress | None:

@@ -25,6 +25,7 @@ from greenopt.records.measure import (
     DeviceInfo,
     EnergyMeasurement,
     EvalResult,
+    NoiseFloor,
     StepReport,
     TaskScore,
     TrialFigures,
@@ -52,7 +53,7 @@ from greenopt.records.ship import (
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
     "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "LabelCard",
-    "ModelInfo", "QuickLook", "Record", "RunOutcome", "RuntimeInfo", "SearchResult", "State", "StepReport",
+    "ModelInfo", "NoiseFloor", "QuickLook", "Record", "RunOutcome", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",
 ]

@@ -80,18 +80,22 @@ class Comparison(Record):
     EEI = 100 x E_tok(candidate) / E_tok(baseline). ``interval`` says what ``eei_ci`` holds:
     ``in-run``, a paired bootstrap within one comparison (it misses what differs between runs);
     ``repeated``, ``runs`` lists R independent comparisons' EEIs and the interval combines their
-    spread, the in-run term and the machine's noise floor (``floor_log_sd``, sd of log EEI of
-    A/A runs; 0 when not calibrated). ``first`` is the side that went first (of the comparison
-    shown, for repeated ones) and ``order_seed`` the seed of its side and prompt order.
+    spread, the in-run term and the machine's noise floor; ``floored``, one comparison whose
+    in-run interval is widened by the noise floor. ``floor_log_sd`` is that floor (sd of log EEI
+    between comparisons, 0: none applied) and ``floor_source`` says where it came from (a
+    ``greenopt calibrate`` run, or the stated default for an uncalibrated estimate). ``first`` is
+    the side that went first (of the comparison shown, for repeated ones) and ``order_seed`` the
+    seed of its side and prompt order.
     """
 
     eei: float
     eei_ci: tuple[float, float]
     baseline: EnergyMeasurement
     candidate: EnergyMeasurement
-    interval: Literal["in-run", "repeated"] = "in-run"
+    interval: Literal["in-run", "repeated", "floored"] = "in-run"
     runs: tuple[float, ...] = ()
     floor_log_sd: float = 0.0
+    floor_source: str | None = None
     first: Literal["baseline", "candidate"] | None = None
     order_seed: int | None = None
 
@@ -100,8 +104,11 @@ class Comparison(Record):
         """How the interval was obtained, for every place that prints it."""
         if self.interval == "in-run":
             return "in-run interval (one comparison; the spread between runs is not in it)"
-        floor = f", noise floor sd {self.floor_log_sd:.3f} log EEI" if self.floor_log_sd else ", no noise floor"
-        return f"interval over {len(self.runs)} comparisons{floor}"
+        floor = (f"noise floor sd {self.floor_log_sd:.3f} log EEI ({self.floor_source or 'source not recorded'})"
+                 if self.floor_log_sd else "no noise floor (not calibrated: run greenopt calibrate)")
+        if self.interval == "floored":
+            return f"one comparison, in-run interval widened by the {floor}"
+        return f"interval over {len(self.runs)} comparisons, {floor}"
 
     @property
     def tier(self) -> Tier:
@@ -168,3 +175,31 @@ class ApplyReport(Record):
     flops_per_token_before: int
     flops_per_token_after: int
     fast_kernel: bool | None
+
+
+class NoiseFloor(Record):
+    """The between-comparison spread of A/A comparisons on one machine (``greenopt calibrate``).
+
+    ``eeis`` are the K A/A comparisons' EEIs (the baseline against a fresh copy of itself, each
+    in its own process); ``log_sd`` is their sample sd of log EEI (ddof=1), the floor that
+    widens intervals measured under the same ``key`` (machine, meter, protocol, threads).
+    """
+
+    version: Literal[1] = 1
+    key: str
+    machine: str
+    cpu_flags: tuple[str, ...]
+    meter: str
+    tier: Tier
+    protocol_id: str
+    threads: int
+    model_id: str
+    eeis: tuple[float, ...]
+    in_run_intervals: tuple[tuple[float, float], ...]
+    log_sd: float
+    created: str
+    wall_s: float
+
+    @property
+    def source(self) -> str:
+        return f"calibrated {self.created[:10]}, {len(self.eeis)} A/A comparisons"

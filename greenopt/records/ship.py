@@ -47,6 +47,7 @@ class GateResult(Record):
     target: str
     max_drop: float | None
     required_tier: Tier | None
+    allow_estimate: bool = False
     display: str | None = None
     worst_letter: str | None = None
     tier: Tier | None = None

@@ -70,10 +70,13 @@ def _measurement_failures(card: LabelCard) -> list[str]:
     return out
 
 
-def _tier_failures(card: LabelCard, required: Tier | None) -> list[str]:
+def _tier_failures(card: LabelCard, required: Tier | None, allow_estimate: bool) -> list[str]:
+    why = f" (failed checks: {', '.join(card.flags)})" if card.flags else ""
+    if card.tier == "E1" and not allow_estimate:
+        return [(f"tier E1 is an estimate{why}, not an energy reading; verify where an energy counter can be "
+                 "read (RAPL, NVML; see greenopt env), or pass --allow-estimate to accept an estimate")]
     if required is None or TIER_ORDER.index(card.tier) <= TIER_ORDER.index(required):
         return []
-    why = f" (failed checks: {', '.join(card.flags)})" if card.flags else ""
     what = "an estimate" if card.tier == "E1" else "sampled power" if card.tier == "M2" else "a counter"
     return [f"tier {card.tier} is {what}{why}, but tier {required} or better is required"]
 
@@ -112,12 +115,14 @@ def _accuracy_failures(card: LabelCard, max_drop: float | None,
 
 
 def check_gate(card: LabelCard | None, target: str, max_drop: float | None, required_tier: Tier | None,
-               expected_protocol: str | None, expected_tasks: Sequence[str]) -> GateResult:
+               expected_protocol: str | None, expected_tasks: Sequence[str], *,
+               allow_estimate: bool = False) -> GateResult:
     """Decides whether a measured label card passes the gate. Pure: no model, no I/O.
 
     Checks, all of which must hold: a measurement exists (trials and finite J/token on both
     sides); the protocol id equals ``expected_protocol``; the tier is ``required_tier`` or
-    better (M1 > M2 > E1); the worse end of the relative class interval is ``target`` or
+    better (M1 > M2 > E1), and never E1 unless ``allow_estimate``; the worse end of the relative
+    class interval is ``target`` or
     better; every expected task was evaluated; and each task's drop (see :func:`task_drop`)
     is at most ``max_drop``.
 
@@ -125,8 +130,8 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
         card: the label card of the re-measured variant, or None when nothing was measured.
         target: the worst acceptable relative class letter, e.g. ``"B"``.
         max_drop: the accuracy budget per task (0.01 = one point), or None for no budget.
-        required_tier: the weakest acceptable tier, or None to accept any (an E1 pass is
-            still reported as estimated).
+        required_tier: the weakest acceptable tier, or None for any measured one (M1, M2).
+        allow_estimate: accept a tier-E1 estimate (the pass line repeats that it did).
         expected_protocol: the protocol id recorded with the export or recipe (e.g.
             ``"GO-1/b1"``); None skips the check.
         expected_tasks: tasks that must appear on the card.
@@ -134,7 +139,8 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
     Returns:
         The verdict, with every failed check and a one-line reason.
     """
-    base = {"target": target, "max_drop": max_drop, "required_tier": required_tier}
+    base = {"target": target, "max_drop": max_drop, "required_tier": required_tier,
+            "allow_estimate": allow_estimate}
     if card is None:
         return GateResult(passed=False, reason="no measurement: there is no label card to check",
                           failures=("no measurement: there is no label card to check",), **base)
@@ -142,7 +148,7 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
     if expected_protocol is not None and card.protocol_id != expected_protocol:
         failures.append(f"protocol changed: measured under {card.protocol_id}, "
                         f"but {expected_protocol} was recorded")
-    failures += _tier_failures(card, required_tier)
+    failures += _tier_failures(card, required_tier, allow_estimate)
     failures += _class_failures(card, target)
     acc_failures, drops = _accuracy_failures(card, max_drop, tuple(expected_tasks))
     failures += acc_failures
@@ -154,7 +160,8 @@ def check_gate(card: LabelCard | None, target: str, max_drop: float | None, requ
 
 
 def _pass_line(card: LabelCard, target: str, max_drop: float | None, drops: dict[str, float]) -> str:
-    est = " (estimated: tier E1, not a counter reading)" if card.tier == "E1" else ""
+    est = (" (estimated: tier E1, not an energy reading; accepted because of --allow-estimate)"
+           if card.tier == "E1" else "")
     acc = "accuracy not gated"
     if max_drop is not None:
         worst = max(drops.items(), key=lambda kv: kv[1])
@@ -180,6 +187,7 @@ class VerifySpec(DeviceSpec):
     target: str | None = None
     max_drop: float | None = Field(None, ge=0)
     require_tier: Tier | None = None
+    allow_estimate: bool | None = None
     protocol: ProtocolRef | None = None
     tasks: tuple[str, ...] | None = None
     limit: int | None = Field(None, ge=1)
@@ -197,6 +205,7 @@ class _Plan(Record):
     target: str
     max_drop: float | None
     require_tier: Tier | None
+    allow_estimate: bool = False
     weights_sha256: str | None = None  # an export's recorded weights, re-hashed before measuring
 
 
@@ -234,13 +243,14 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     result = assess(plan.assess, progress=progress)
     card = _relabel(result.card, plan) if plan.is_export else result.card
     tasks = plan.assess.eval.tasks if plan.assess.eval is not None else ()
-    return check_gate(card, plan.target, plan.max_drop, plan.require_tier, plan.expected_protocol, tasks)
+    return check_gate(card, plan.target, plan.max_drop, plan.require_tier, plan.expected_protocol, tasks,
+                      allow_estimate=plan.allow_estimate)
 
 
 def _refused(plan: _Plan, reason: str) -> GateResult:
     """A gate failed before anything was measured."""
     return GateResult(passed=False, reason=reason, failures=(reason,), target=plan.target,
-                      max_drop=plan.max_drop, required_tier=plan.require_tier)
+                      max_drop=plan.max_drop, required_tier=plan.require_tier, allow_estimate=plan.allow_estimate)
 
 
 def _weights_changed(plan: _Plan) -> str | None:
@@ -321,6 +331,7 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
         target=_gate_target(spec.target, gate.target if gate else None, str(folder)),
         max_drop=spec.max_drop if spec.max_drop is not None else (gate.max_drop if gate else None),
         require_tier=spec.require_tier or (gate.require_tier if gate else None),
+        allow_estimate=_allow(spec.allow_estimate, gate.allow_estimate if gate else False),
         weights_sha256=m.weights_sha256,
     )
 
@@ -353,4 +364,9 @@ def _plan_recipe(spec: VerifySpec, path: Path) -> _Plan:
         target=_gate_target(spec.target, gate_target, str(path)),
         max_drop=spec.max_drop if spec.max_drop is not None else r.gate.max_drop,
         require_tier=spec.require_tier or r.gate.require_tier,
+        allow_estimate=_allow(spec.allow_estimate, r.gate.allow_estimate),
     )
+
+
+def _allow(flag: bool | None, recorded: bool) -> bool:
+    return recorded if flag is None else flag
