@@ -29,6 +29,40 @@ def write_bytes(path: str | Path, payload: bytes) -> None:
             a part of the path is a file); the message names the path and the reason.
     """
     path = Path(path)
+    tmp = _staged(path, payload)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from None
+
+
+def write_texts(files: dict[Path, str]) -> None:
+    """Writes several text files as one set: every temp file is written and synced first, then
+    all are put in place. A failure while writing (disk full, read-only) leaves every old file,
+    or none, and no temp file; the renames that follow allocate no space.
+
+    Raises:
+        WriteError: as :func:`write_bytes`, naming the file that could not be written.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text in files.items():
+            staged.append((_staged(Path(path), text.encode("utf-8")), Path(path)))
+        for tmp, path in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise _write_error(path, e) from None
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _staged(path: Path, payload: bytes) -> str:
+    """A synced, world-readable temp file beside ``path`` holding ``payload``; its name."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,13 +74,13 @@ def write_bytes(path: str | Path, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
         raise
+    return tmp
 
 
 def _write_error(path: str | Path, e: OSError) -> WriteError:

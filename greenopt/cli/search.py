@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from greenopt.cli.common import (
     check_writable,
@@ -198,10 +199,14 @@ def render_outcome(result, console) -> None:
 def cmd_worker(args) -> int:
     if args.runs_dir:
         check_writable(args.runs_dir, "--runs-dir")
-    with progress_bars(not args.json) as progress:
-        done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir,
-                      threads=args.threads,
-                      progress=progress, on_trial=None if args.json else _live(console))
+    try:
+        with progress_bars(not args.json) as progress:
+            done = worker(args.storage, args.study, args.trials, device=args.device, runs_dir=args.runs_dir,
+                          threads=args.threads, progress=progress, on_trial=None if args.json else _live(console))
+    except KeyboardInterrupt:
+        print("greenopt: interrupted; the trial in flight is recorded as failed; start the worker again to "
+              "continue the study", file=sys.stderr)
+        return 130
     if args.json:
         emit_json([r.model_dump(mode="json") for r in done])
     else:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from greenopt._io import version, write_text
+from greenopt._io import version, write_texts
 from greenopt._version import __version__
 from greenopt.config import Protocol, load_json, validated
 from greenopt.errors import ConfigError
@@ -211,7 +211,8 @@ def load_card(path: str | Path) -> LabelCard:
 
 
 def write_card(card: LabelCard, out_dir: str | Path) -> dict[str, Path]:
-    """Writes ``label.json``, ``LABEL.md`` and ``label.svg`` atomically into ``out_dir``.
+    """Writes ``label.json``, ``LABEL.md`` and ``label.svg`` into ``out_dir`` as one set: a
+    failure (disk full, read-only) leaves the old three files, never a mix of old and new.
 
     Args:
         card: the card.
@@ -223,10 +224,8 @@ def write_card(card: LabelCard, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = {"json": render_json(card), "markdown": render_markdown(card), "svg": render_svg(card)}
-    paths = {}
-    for kind, body in texts.items():
-        paths[kind] = out / CARD_FILES[kind]
-        write_text(paths[kind], body)
+    paths = {kind: out / CARD_FILES[kind] for kind in texts}
+    write_texts({paths[kind]: body for kind, body in texts.items()})
     return paths
 
 

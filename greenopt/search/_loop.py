@@ -147,6 +147,7 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
     Raises:
         ConfigError: the storage cannot be used (checked before the model loads), or the
             study does not exist or was not created by greenopt search.
+        KeyboardInterrupt: Ctrl-C, after the trial in flight was recorded as failed.
     """
     study_storage.check_storage(storage)  # a bad URL or a dead server fails before the model loads
     probe = study_storage.open_storage(storage, shared=True, heartbeat_s=60)
@@ -177,7 +178,9 @@ def worker(storage: str, study_name: str, n_trials: int | None = None, *, runner
             runner = stack.enter_context(contextlib.closing(_default_runner(spec)))
         runner.prepare(progress)
         study = study_storage.open_study(spec, storage, create=False)
-        _drive(study, spec, target, runner, rd, progress, collect, max_trials=n_trials, shared=True)
+        interrupted, _ = _drive(study, spec, target, runner, rd, progress, collect, max_trials=n_trials, shared=True)
+    if interrupted:  # the trial in flight is recorded FAIL("interrupted"); the caller still sees Ctrl-C
+        raise KeyboardInterrupt
     return tuple(done)
 
 

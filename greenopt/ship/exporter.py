@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -56,7 +57,7 @@ from greenopt.config import (
     load_json,
 )
 from greenopt.config.recipe import Gate
-from greenopt.errors import ConfigError
+from greenopt.errors import ConfigError, WriteError
 from greenopt.label.card import write_card
 from greenopt.models import checkpoint as em
 from greenopt.models.checkpoint import load
@@ -137,11 +138,29 @@ def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: Label
             _check_reload(model, tmp)
         _open_up(tmp)
         _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = _write_failure(e)
+        if failure is not None:
+            raise WriteError(f"cannot write the export {out}: {failure}") from None
         raise
     log.info("exported %s (%s loader) to %s", manifest.variant_name, manifest.loader, out)
     return manifest
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why writing the export failed, for a file-system error (safetensors wraps its own), else None."""
+    if isinstance(e, WriteError):
+        return str(e).removeprefix("cannot write ")
+    text = str(e)
+    if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            w in text for w in ("os error 28", "No space left", "StorageFull"))
+        if full:
+            return "no space left on device; free some space or choose another --out"
+        if isinstance(e, OSError):
+            return f"{(e.strerror or text).lower()}; choose a writable --out"
+    return None
 
 
 def check_target(out: Path, force: bool) -> None:
