@@ -90,7 +90,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("greenopt.config",),
     ("greenopt.records",),
     ("greenopt.compress",),
-    ("greenopt.models", "greenopt.measure", "greenopt.evaluate", "greenopt.testing"),
+    ("greenopt.models", "greenopt.measure", "greenopt.evaluate", "greenopt.runtimes", "greenopt.testing"),
     ("greenopt.label",),
     ("greenopt.report", "greenopt.assess", "greenopt.calibrate"),
     ("greenopt.search", "greenopt.testing.search"),

@@ -35,6 +35,8 @@ from greenopt.config.search import (
     SpaceSpec,
 )
 from greenopt.config.variant import (
+    RUNTIME_EXTRAS,
+    Deploy,
     DepthStep,
     ExpertPruneStep,
     MoefyStep,
@@ -42,6 +44,7 @@ from greenopt.config.variant import (
     QuantizeStep,
     QuantMethod,
     QuantOverride,
+    RuntimeName,
     Step,
     Target,
     Variant,
@@ -51,7 +54,7 @@ from greenopt.config.variant import (
 )
 
 __all__ = [
-    "PROTOCOL_PRESETS", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
+    "PROTOCOL_PRESETS", "RUNTIME_EXTRAS", "Deploy", "RuntimeName", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
     "ExpertPruneStep", "FidelitySpec", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
     "MoefyStep", "Protocol", "ProtocolRef", "PruneStep", "PrunePattern", "QuantMethod", "QuantOverride",
     "QuantizeStep", "RuntimeSpec", "SearchSpec", "SpaceBits", "SpaceSpec", "Step", "Strict", "Target", "Tier",

@@ -133,22 +133,69 @@ Step = Annotated[
 ]
 
 
+RuntimeName = Literal["transformers", "onnxruntime-genai"]
+#: The runtimes a variant can be deployed on, and the pip extra each needs beyond greenopt's pins.
+RUNTIME_EXTRAS: dict[str, str | None] = {"transformers": None, "onnxruntime-genai": "ort"}
+
+
+class Deploy(Strict):
+    """The runtime a variant is deployed, measured and scored on (the deployment is part of the variant).
+
+    ``runtime``: ``transformers`` (greenopt's steps applied in torch) or ``onnxruntime-genai``
+    (the transformed checkpoint exported and built into an ONNX Runtime GenAI model).
+    ``dtype``: compute dtype on that runtime (``auto``: the dtype the model was loaded in).
+    ``weights``: the runtime's own weight format: ``dense`` or ONNX Runtime's int4/int8
+    MatMulNBits with ``block_size`` and ``accuracy_level`` (4: int8 activations, 0: unset).
+    The default (transformers, auto, dense) is the reference runtime.
+    """
+
+    runtime: RuntimeName = "transformers"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weights: Literal["dense", "int8", "int4"] = "dense"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+
+    @model_validator(mode="after")
+    def _weights_need_a_format(self) -> Deploy:
+        if self.runtime == "transformers" and self.weights != "dense":
+            raise ValueError("transformers takes low-bit weights from quantize steps; weights: int4/int8 is the "
+                             "onnxruntime-genai format (use runtime: onnxruntime-genai, or a quantize step)")
+        return self
+
+    @property
+    def is_reference(self) -> bool:
+        return self == Deploy()
+
+    def describe(self) -> str:
+        """One line, e.g. ``onnxruntime-genai int4 b32 acc4`` or ``transformers bfloat16``."""
+        parts = [self.runtime, self.dtype if self.dtype != "auto" else ""]
+        if self.weights != "dense":
+            parts += [self.weights, f"b{self.block_size}", f"acc{self.accuracy_level}"]
+        return " ".join(p for p in parts if p)
+
+
 class Variant(Strict):
-    """An ordered list of compression steps. The empty variant is the baseline."""
+    """An ordered list of compression steps and the runtime they are deployed on.
+
+    The empty variant on the reference runtime is the baseline.
+    """
 
     version: Literal[1] = 1
     name: str | None = None
     steps: tuple[Step, ...] = ()
+    deploy: Deploy = Deploy()
 
     @property
     def hash(self) -> str:
-        """Stable 12-hex-digit hash of the steps (the name does not count)."""
-        payload = json.dumps([s.model_dump(mode="json") for s in self.steps], sort_keys=True)
+        """Stable 12-hex-digit hash of the steps and a non-reference deployment (the name does not count)."""
+        steps = [s.model_dump(mode="json") for s in self.steps]
+        payload = json.dumps(steps if self.deploy.is_reference else {"steps": steps,
+                             "deploy": self.deploy.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @property
     def is_baseline(self) -> bool:
-        return not self.steps
+        return not self.steps and self.deploy.is_reference
 
 
 def load_variant(path: str | Path) -> Variant:

@@ -34,7 +34,9 @@ from greenopt._io import write_text
 from greenopt.config import EvalSpec
 from greenopt.errors import ConfigError
 from greenopt.evaluate.tasks import OFFLINE_TASKS, evals_home, prepare_tasks, tasks_dir
+from greenopt.evaluate.runtime_lm import runtime_lm
 from greenopt.records import EvalResult, TaskScore
+from greenopt.runtimes import Runtime, TransformersRuntime
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,9 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
     ``stderr`` is the standard error of the mean (sample standard deviation / sqrt(n)).
 
     Args:
-        model: a ``transformers`` causal LM (``PreTrainedModel``), possibly compressed.
+        model: a ``transformers`` causal LM (``PreTrainedModel``), possibly compressed, or a
+            :class:`~greenopt.runtimes.Runtime` (scored through its own ``logits``; a
+            transformers runtime is scored by ``HFLM`` on its module).
         tokenizer: its tokenizer. lm-eval sets a pad token on it if it has none.
         spec: tasks, items per task (``limit=None``: the full sets), subset seed, batch size
             and few-shot count. Whole-document perplexity tasks run at batch size 1.
@@ -109,8 +113,11 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
     hub = [n for n in names if n not in OFFLINE_TASKS]
     if len(hub) < len(names):
         prepare_tasks()
+    if isinstance(model, TransformersRuntime):
+        model = model.module  # the reference runtime is scored by lm-eval's own HFLM, as before
     scores: list[TaskScore] = []
-    with _lm_eval_quiet(), _hub_offline(not hub), _untied_heads_kept(model):
+    heads = _untied_heads_kept(model) if not isinstance(model, Runtime) else contextlib.nullcontext()
+    with _lm_eval_quiet(), _hub_offline(not hub), heads:
         lms: dict[int, Any] = {}
         for i, name in enumerate(names):
             if progress:
@@ -222,6 +229,8 @@ def _stock_task_manager() -> Any:
 
 
 def _wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    if isinstance(model, Runtime):
+        return runtime_lm(model, tokenizer, batch_size)
     from lm_eval.models.huggingface import HFLM
 
     hf_log = logging.getLogger("lm_eval.models.huggingface")

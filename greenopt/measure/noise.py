@@ -14,13 +14,13 @@ import hashlib
 import json
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from greenopt._io import write_text
+from greenopt.env import cpu_flags, machine
 from greenopt.offline import home
 from greenopt.records import NoiseFloor
 
@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 # (docs/BENCHMARKS.md); rounded up. A/A runs on such VMs read about 0.03 (docs/MEASUREMENT.md).
 DEFAULT_E1_FLOOR_LOG_SD = 0.08
 DEFAULT_E1_SOURCE = "uncalibrated default for an estimate on a shared VM; run greenopt calibrate"
-
-_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile",
-                      "asimd", "sve")
 
 
 @dataclass(frozen=True)
@@ -48,35 +45,6 @@ def calibration_dir() -> Path:
     """Where noise floors are kept: ``$GREENOPT_CALIBRATION`` or ``$GREENOPT_HOME/calibration``."""
     env = os.environ.get("GREENOPT_CALIBRATION")
     return Path(env) if env else home() / "calibration"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> tuple[str, ...]:
-    """The vector-ISA flags that change which kernels are fast (AVX2, AVX-512 BF16/VNNI, AMX...)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            have = set(line.split(":", 1)[1].split())
-            return tuple(f for f in _FLAGS_OF_INTEREST if f in have)
-    return ()
-
-
-def machine() -> str:
-    """A readable name for this machine: host, CPU model and logical cores."""
-    return f"{platform.node() or 'unknown-host'} / {cpu_model()} / {os.cpu_count()} cores"
 
 
 def floor_key(meter_name: str, protocol_id: str, threads: int) -> str:

@@ -29,13 +29,12 @@ Generation is greedy with the KV cache, exactly ``new_tokens`` new tokens per ro
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ import greenopt.measure.stats as stats
 from greenopt.config import Protocol
 from greenopt.errors import ConfigError, MeterError
 from greenopt.measure.base import Meter
+from greenopt.runtimes import Runtime, as_runtime
 from greenopt.records import (
     TIER_ORDER,
     Comparison,
@@ -122,34 +122,27 @@ def _encode(tokenizer, text: str) -> list[int]:
 class _Runner:
     """Runs the workload for one model and keeps its windows."""
 
-    def __init__(self, model, tokenizer, prompts: torch.Tensor, protocol: Protocol, meter: Meter) -> None:
-        from transformers import GenerationConfig
-
-        self.model, self.protocol, self.meter = model, protocol, meter
-        meter.check_model(model)  # NVML: every weight on the one metered GPU
-        self.prompts = prompts.to(_model_device(model))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        common = dict(do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id)
-        n = protocol.new_tokens
-        self.full = GenerationConfig(max_new_tokens=n, min_new_tokens=n, **common)
-        self.prefill_only = GenerationConfig(max_new_tokens=1, min_new_tokens=1, **common)
+    def __init__(self, runtime: Runtime, prompts: torch.Tensor, protocol: Protocol, meter: Meter) -> None:
+        self.runtime, self.protocol, self.meter = runtime, protocol, meter
+        if runtime.module is not None:
+            meter.check_model(runtime.module)  # NVML: every weight on the one metered GPU
+        self.prompts = prompts
         self._cursor = 0
         self.trials: list[TrialFigures] = []
         self.windows: list[WindowResult] = []
         self.prefill_j_per_call: float | None = None
+        self.full, self.prefill_only = protocol.new_tokens, 1
 
-    def _generate(self, config) -> int:
+    def _generate(self, new_tokens: int) -> int:
         """One generate call on the next ``batch_size`` prompts; returns new tokens generated."""
         n, b = self.prompts.shape[0], self.protocol.batch_size
         rows = [(self._cursor + k) % n for k in range(b)]
         self._cursor = (self._cursor + b) % n
-        ids = self.prompts[rows]
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        new = out.shape[1] - ids.shape[1]
-        if new != config.max_new_tokens:
-            raise RuntimeError(f"generate returned {new} new tokens, expected exactly {config.max_new_tokens}")
-        return b * new
+        out = self.runtime.generate(self.prompts[rows], new_tokens)
+        if tuple(out.shape) != (b, new_tokens):
+            raise RuntimeError(f"{self.runtime.name} generated {tuple(out.shape)} tokens, "
+                               f"expected exactly {(b, new_tokens)}")
+        return b * new_tokens
 
     def warm_up(self, progress: Progress | None) -> None:
         p = self.protocol
@@ -208,7 +201,8 @@ def measure(model, tokenizer, protocol: Protocol, meter: Meter, *,
     """Measures one model under protocol GO-1.
 
     Args:
-        model: a causal LM with ``generate`` (Hugging Face), on cuda or cpu.
+        model: a :class:`~greenopt.runtimes.Runtime`, or a Hugging Face causal LM (run on
+            :class:`~greenopt.runtimes.TransformersRuntime`), on cuda or cpu.
         tokenizer: the model's own tokenizer.
         protocol: the protocol (``protocol_preset("go1")``, ``"cpu"``, ...).
         meter: the energy meter (``select_meter()``).
@@ -230,9 +224,10 @@ def measure(model, tokenizer, protocol: Protocol, meter: Meter, *,
         >>> m.trials[0].generated_tokens
         4
     """
-    runner = _Runner(model, tokenizer, load_prompts(tokenizer, protocol), protocol, meter)
+    runtime = as_runtime(model, tokenizer)
+    runner = _Runner(runtime, load_prompts(tokenizer, protocol), protocol, meter)
     device = meter.device()
-    with _measuring(model):
+    with runtime.measuring():
         foreign = _has_foreign(meter)
         idle = _idle_window(meter, protocol, progress)
         runner.warm_up(progress)
@@ -258,8 +253,8 @@ def compare(baseline_model, candidate_model, tokenizer, protocol: Protocol, mete
     not what differs between runs (:func:`compare_repeated` and ``greenopt calibrate`` add that).
 
     Args:
-        baseline_model: the uncompressed model.
-        candidate_model: the compressed variant (same tokenizer).
+        baseline_model: the uncompressed model (a runtime, or a transformers model).
+        candidate_model: the compressed variant (same tokenizer), on its own runtime.
         tokenizer: the models' tokenizer.
         protocol: the protocol.
         meter: the energy meter; both sides use it, so tiers never mix.
@@ -278,11 +273,12 @@ def compare(baseline_model, candidate_model, tokenizer, protocol: Protocol, mete
     first = int(rng.integers(2))
     prompts = load_prompts(tokenizer, protocol)
     prompts = prompts[torch.as_tensor(rng.permutation(len(prompts)))]
-    runners = [_Runner(m, tokenizer, prompts, protocol, meter) for m in (baseline_model, candidate_model)]
+    runtimes = [as_runtime(m, tokenizer) for m in (baseline_model, candidate_model)]
+    runners = [_Runner(rt, prompts, protocol, meter) for rt in runtimes]
     order = [runners[first], runners[1 - first]]
     device = meter.device()
     total = 2 * protocol.trials
-    with _measuring(baseline_model), _measuring(candidate_model):
+    with runtimes[0].measuring(), runtimes[1].measuring():
         foreign = _has_foreign(meter)
         idle = _idle_window(meter, protocol, progress)
         for r in order:
@@ -420,25 +416,6 @@ def _has_foreign(meter: Meter) -> bool:
     if pids:
         log.warning("other processes use the GPU during the measurement: %s", ", ".join(map(str, pids)))
     return bool(pids)
-
-
-@contextlib.contextmanager
-def _measuring(model) -> Iterator[None]:
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    return next(model.parameters()).device
 
 
 def _result(w) -> WindowResult:

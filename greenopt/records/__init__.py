@@ -15,6 +15,7 @@ from greenopt.records.label import (
     EnergySummary,
     Grade,
     LabelCard,
+    RuntimeDescription,
     RuntimeInfo,
     TaskLine,
     VariantInfo,
@@ -53,7 +54,7 @@ from greenopt.records.ship import (
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
     "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "LabelCard",
-    "ModelInfo", "NoiseFloor", "QuickLook", "Record", "RunOutcome", "RuntimeInfo", "SearchResult", "State", "StepReport",
+    "ModelInfo", "NoiseFloor", "QuickLook", "Record", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",
 ]

@@ -60,8 +60,35 @@ class EnergySummary(Record):
     flags: tuple[str, ...] = ()
 
 
+class RuntimeDescription(Record):
+    """What a runtime says about itself (:meth:`greenopt.runtimes.Runtime.describe`).
+
+    ``kernels`` names the compute paths its weights take (e.g. ``torch.matmul bfloat16``,
+    ``MatMulNBits int4 acc4``); ``options`` its settings (block size, accuracy level, compiled).
+    """
+
+    name: str
+    version: str
+    dtype: str
+    device: str
+    threads: int | None = None
+    kernels: tuple[str, ...] = ()
+    options: dict[str, str] = {}
+    libraries: dict[str, str] = {}
+
+    def line(self) -> str:
+        """``onnxruntime-genai 0.18.0, float32 on cpu, 2 threads: MatMulNBits int4 acc4``."""
+        where = f"{self.dtype} on {self.device}" + (f", {self.threads} threads" if self.threads else "")
+        kernels = f": {', '.join(self.kernels)}" if self.kernels else ""
+        return f"{self.name} {self.version}, {where}{kernels}"
+
+
 class RuntimeInfo(Record):
-    """The runtime the figures hold for: library versions, attention, dtype and workload."""
+    """The runtime the figures hold for: library versions, attention, dtype and workload.
+
+    ``deployed``/``baseline`` describe the runtimes the candidate and the baseline ran on
+    (None on cards written before runtimes were recorded: transformers for both).
+    """
 
     torch: str
     transformers: str
@@ -71,6 +98,8 @@ class RuntimeInfo(Record):
     prompt_tokens: int
     new_tokens: int
     libraries: dict[str, str] = {}
+    deployed: RuntimeDescription | None = None
+    baseline: RuntimeDescription | None = None
 
 
 class TaskLine(Record):

@@ -1,0 +1,131 @@
+"""Runtimes: realise a (transformed) model as the artifact users deploy, and run it there.
+
+One verb: ``realise(model, tokenizer, deploy) -> Runtime``. Energy is metered around the
+runtime's own calls (:meth:`Runtime.generate`) with the same meters and GO-1 protocol, and
+accuracy is scored on the same artifact (:meth:`Runtime.logits`).
+
+=====================  =========================================  ==========================
+runtime                what it realises                           install
+=====================  =========================================  ==========================
+``transformers``       greenopt's steps in torch, dtype as set    (core)
+``onnxruntime-genai``  the transformed checkpoint built by the    ``pip install greenopt[ort]``
+                       ONNX Runtime GenAI builder (fp32, or int4/
+                       int8 MatMulNBits with block size and
+                       accuracy level)
+=====================  =========================================  ==========================
+
+Example:
+    >>> from greenopt.config import Deploy
+    >>> from greenopt.runtimes import realise
+    >>> from greenopt.testing import tiny_llama, tiny_tokenizer
+    >>> rt = realise(tiny_llama(), tiny_tokenizer(), Deploy())
+    >>> rt.describe().name
+    'transformers'
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+import torch
+
+from greenopt.config import RUNTIME_EXTRAS, Deploy, DepthStep, PruneStep, Step, WidthStep
+from greenopt.env import cpu_has_bf16, cpu_has_fp16
+from greenopt.errors import ConfigError
+from greenopt.runtimes.base import Runtime
+from greenopt.runtimes.hf import TransformersRuntime, weight_kernels
+
+__all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "realise", "unrealisable",
+           "weight_kernels"]
+
+#: Runtime name -> "module:class", imported on first use (optional backends stay optional).
+RUNTIMES: dict[str, str] = {
+    "transformers": "greenopt.runtimes.hf:TransformersRuntime",
+    "onnxruntime-genai": "greenopt.runtimes.ortgenai:OrtGenAIRuntime",
+}
+
+# Steps whose result is an ordinary dense checkpoint of the same architecture (fewer layers,
+# narrower FFNs, zeroed weights), which an exporter/builder outside torch can read.
+_PLAIN_CHECKPOINT_STEPS = (DepthStep, WidthStep, PruneStep)
+
+
+def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
+                 cpu_flags: tuple[str, ...] | None = None) -> str | None:
+    """Why ``deploy`` cannot realise ``steps`` on ``device`` (one line naming move and runtime), or None.
+
+    Used by :func:`realise`, by ``greenopt recipe validate`` and by the search space, which
+    never samples what a runtime cannot realise.
+    """
+    if deploy.runtime != "transformers":
+        for step in steps:
+            if not isinstance(step, _PLAIN_CHECKPOINT_STEPS):
+                return (f"{deploy.runtime} cannot realise a {step.kind} step (it reads ordinary checkpoints: "
+                        f"depth, width and prune steps); use its own weights: int4/int8, or runtime: transformers")
+        if deploy.dtype not in ("auto", "float32") and not str(device).startswith("cuda"):
+            return f"{deploy.runtime} on CPU runs float32 (with int4/int8 weights); dtype {deploy.dtype} is for CUDA"
+        return None
+    if str(device).startswith("cuda"):
+        return None
+    if deploy.dtype == "bfloat16" and not cpu_has_bf16(cpu_flags):
+        return ("dtype bfloat16 on this CPU has no native kernels (no avx512_bf16, amx_bf16 or bf16 flag): "
+                "it would run emulated; use float32 here")
+    if deploy.dtype == "float16" and not cpu_has_fp16(cpu_flags):
+        return "dtype float16 on this CPU has no native kernels (no avx512_fp16 flag); use float32 or bfloat16"
+    return None
+
+
+def cast(model: torch.nn.Module, deploy: Deploy) -> torch.nn.Module:
+    """Puts a dense model in the deployment's dtype, in place, before any step is applied
+    (quantizers then see the activations' dtype their kernels are chosen for). ``auto`` keeps it."""
+    if deploy.dtype != "auto" and deploy.runtime == "transformers":
+        model.to(getattr(torch, deploy.dtype))
+    return model
+
+
+def realise(model: torch.nn.Module, tokenizer, deploy: Deploy, *, steps: Iterable[Step] = ()) -> Runtime:
+    """Realises a transformed model on the runtime of ``deploy``.
+
+    Args:
+        model: the model with ``steps`` applied (and :func:`cast` before them).
+        tokenizer: its tokenizer.
+        deploy: the runtime, dtype and runtime-side weight format.
+        steps: the steps applied, checked against what the runtime can realise.
+
+    Returns:
+        The runtime, ready to generate and score. A ``transformers`` runtime wraps ``model``
+        itself; others build their artifact from it (``model`` is left as found).
+
+    Raises:
+        ConfigError: the runtime is not installed (names the pip extra) or cannot realise a step
+            or dtype here (names the step and the runtime).
+    """
+    device = str(next(model.parameters()).device)
+    reason = unrealisable(deploy, steps, device)
+    if reason:
+        raise ConfigError(reason)
+    cls = runtime_class(deploy.runtime)
+    if cls is TransformersRuntime:
+        cast(model, deploy)
+        return TransformersRuntime(model, tokenizer)
+    return cls.build(model, tokenizer, deploy)
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    """The class of runtime ``name``, imported now; a missing backend raises one line naming the extra."""
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    module, _, attr = RUNTIMES[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        extra = RUNTIME_EXTRAS.get(name)
+        raise ConfigError(f"runtime {name} is not installed ({e.name or e}); "
+                          f"pip install 'greenopt[{extra}]'") from None
+
+
+def as_runtime(model_or_runtime, tokenizer) -> Runtime:
+    """A runtime as is, or a transformers model wrapped in :class:`TransformersRuntime`."""
+    if isinstance(model_or_runtime, Runtime):
+        return model_or_runtime
+    return TransformersRuntime(model_or_runtime, tokenizer)
