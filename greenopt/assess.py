@@ -36,7 +36,9 @@ from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme
 from greenopt.label.card import build_card, current_runtime
 from greenopt.measure.select import select_meter
+from greenopt.errors import ConfigError
 from greenopt.measure.workload import compare_repeated
+from greenopt.runtimes import Runtime, TransformersRuntime, cast, realise, runtime_class, unrealisable
 from greenopt.models import load_model
 from greenopt.records import ApplyReport, Comparison, EvalResult
 
@@ -74,6 +76,7 @@ class Assessment:
     apply_report: ApplyReport | None
     candidate: torch.nn.Module
     tokenizer: object
+    runtime: Runtime | None = None  # the candidate as deployed (its runtime); None only for old callers
 
 
 def preflight(spec: AssessSpec):
@@ -86,6 +89,10 @@ def preflight(spec: AssessSpec):
     rel = load_scheme(spec.relative_scheme)
     abs_ = load_scheme(spec.absolute_scheme) if spec.absolute_scheme else None
     meter = select_meter(spec.meter, cpu_watts=spec.cpu_watts, device=resolve_device(spec.device))
+    reason = unrealisable(spec.variant.deploy, spec.variant.steps, resolve_device(spec.device))
+    if reason:
+        raise ConfigError(reason)
+    runtime_class(spec.variant.deploy.runtime)  # installed? (names the pip extra if not)
     return protocol, meter, rel, abs_
 
 
@@ -119,34 +126,47 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
         baseline, _, _ = load_model(spec.baseline, dtype=dtype, device=device,
                                     trust_remote_code=spec.trust_remote_code)
     report = None
-    pristine = copy.deepcopy(model) if spec.variant.steps and spec.comparisons > 1 else None
-    if spec.variant.steps:
-        report = apply(model, spec.variant, tokenizer=tok, calib=spec.calib, progress=progress)
+    variant = spec.variant
+    changes = bool(variant.steps) or not variant.deploy.is_reference
+    if changes and baseline is model:
+        baseline = copy.deepcopy(model)
+    pristine = copy.deepcopy(model) if changes and spec.comparisons > 1 else None
+    if changes:
+        report = _realised_report(model, variant, tok, spec, progress)
+    candidate = realise(model, tok, variant.deploy, steps=variant.steps)
 
     def pair(r: int):
-        """Comparison r's two models: the measured ones first, then fresh copies of both."""
+        """Comparison r's two runtimes: the measured ones first, then fresh copies of both."""
         if r == 0:
-            return baseline, (model if model is not baseline else copy.deepcopy(baseline))
+            return baseline, (candidate if changes else copy.deepcopy(baseline))
         if pristine is None:
             return copy.deepcopy(baseline), copy.deepcopy(model)
         cand = copy.deepcopy(pristine)  # seeded moves: the same weights again, in fresh memory
-        apply(cand, spec.variant, tokenizer=tok, calib=spec.calib)
-        return copy.deepcopy(baseline), cand
+        cast(cand, variant.deploy)
+        apply(cand, variant, tokenizer=tok, calib=spec.calib)
+        return copy.deepcopy(baseline), realise(cand, tok, variant.deploy, steps=variant.steps)
 
     comparison = compare_repeated(pair, tok, protocol, meter, spec.comparisons, progress=progress)
     if spec.eval is not None and spec.eval.tasks:
-        cand_eval = evaluate(model, tok, spec.eval, progress=progress)
-        base_eval = cand_eval if baseline is model else evaluate(baseline, tok, spec.eval, progress=progress)
+        cand_eval = evaluate(candidate, tok, spec.eval, progress=progress)
+        base_eval = evaluate(baseline, tok, spec.eval, progress=progress) if changes else cand_eval
     else:
         cand_eval = base_eval = _empty_eval(spec.eval)
     attention = getattr(model.config, "_attn_implementation", None) or "default"
+    runtime = current_runtime(protocol, attention, candidate.describe().dtype).model_copy(update={
+        "deployed": candidate.describe(), "baseline": TransformersRuntime(baseline, tok).describe()})
     card = build_card(
-        model_id=info.model_id, variant_name=spec.variant.name or ("baseline" if not spec.variant.steps
-                                                                    else spec.variant.hash),
-        variant_hash=spec.variant.hash, comparison=comparison, candidate_eval=cand_eval,
-        baseline_eval=base_eval, runtime=current_runtime(protocol, attention, dtype),
+        model_id=info.model_id, variant_name=variant.name or ("baseline" if variant.is_baseline else variant.hash),
+        variant_hash=variant.hash, comparison=comparison, candidate_eval=cand_eval,
+        baseline_eval=base_eval, runtime=runtime,
         relative_scheme=rel, absolute_scheme=abs_, intensity_g_per_kwh=spec.intensity_g_per_kwh,
         apply_report=report,
     )
     return Assessment(card=card, comparison=comparison, candidate_eval=cand_eval, baseline_eval=base_eval,
-                      apply_report=report, candidate=model, tokenizer=tok)
+                      apply_report=report, candidate=model, tokenizer=tok, runtime=candidate)
+
+
+def _realised_report(model, variant: Variant, tok, spec: AssessSpec, progress: Progress | None) -> ApplyReport:
+    """Casts to the deployment's dtype, applies the steps (in place) and reports what changed."""
+    cast(model, variant.deploy)
+    return apply(model, variant, tokenizer=tok, calib=spec.calib, progress=progress)

@@ -10,6 +10,7 @@ import torch
 from greenopt.config import Deploy, DepthStep, EvalSpec, QuantizeStep, Variant, protocol_preset
 from greenopt.errors import ConfigError
 from greenopt.evaluate import evaluate
+from greenopt.label.card import render_markdown
 from greenopt.measure.workload import compare, measure
 from greenopt.records import RuntimeDescription
 from greenopt.runtimes import Runtime, TransformersRuntime, as_runtime, realise, runtime_class, unrealisable
@@ -186,3 +187,32 @@ def test_lm_eval_on_a_runtime_matches_hflm_on_the_same_model():
     for a, b in zip(by_hf.scores, by_runtime.scores, strict=True):
         assert (a.task, a.metric, a.n) == (b.task, b.metric, b.n)
         assert a.value == pytest.approx(b.value, rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- assess on a deployment
+
+
+def test_assess_measures_the_variant_on_its_runtime_against_the_reference(tiny_dir, monkeypatch):
+    from greenopt.assess import AssessSpec, assess
+
+    monkeypatch.setattr("greenopt.runtimes.cpu_has_bf16", lambda flags=None: True)
+    variant = Variant(steps=(DepthStep(drop=1),), deploy=Deploy(dtype="bfloat16"))
+    result = assess(AssessSpec(model=str(tiny_dir), variant=variant, protocol="smoke", meter="estimate",
+                               eval=None, comparisons=2, cpu_watts=10))
+    r = result.card.runtime
+    assert (r.deployed.name, r.deployed.dtype) == ("transformers", "bfloat16")
+    assert (r.baseline.name, r.baseline.dtype) == ("transformers", "float32")
+    assert result.runtime.describe().dtype == "bfloat16"
+    assert len(result.comparison.runs) == 2
+    assert "Variant deployed on: transformers" in render_markdown(result.card)
+
+
+def test_assess_refuses_what_the_runtime_cannot_realise_before_loading(monkeypatch):
+    from greenopt.assess import AssessSpec, assess
+
+    monkeypatch.setattr("greenopt.assess.load_model", lambda *a, **k: pytest.fail("must not load the model"))
+    variant = Variant(steps=(QuantizeStep(method="rtn", bits=4),),
+                      deploy=Deploy(runtime="onnxruntime-genai", weights="int4"))
+    with pytest.raises(ConfigError, match="cannot realise a quantize step"):
+        assess(AssessSpec(model="default", variant=variant, protocol="smoke", meter="estimate", eval=None,
+                          cpu_watts=10))

@@ -53,7 +53,7 @@ def test_irrelevant_params_do_not_change_the_variant():
 
 
 def test_disabled_dimensions_leave_only_the_baseline():
-    spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1.0)
+    spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1.0, dtypes=())
     assert dims(spec, 30) == []
     assert build({}, spec, 30) == Variant()
 
@@ -149,6 +149,8 @@ def test_single_moves_are_one_move_each_on_the_grid_and_mildest_first():
     spec = SpaceSpec(bits=(8, 4), methods=("hqq", "rtn"), prune=("unstructured", "2:4"), sparsity=(0.1, 0.5),
                      depth_drop_max=0.25, ffn_keep_min=0.5, moefy_experts=(8,), moefy_top_k=(1, 2))
     variants = [build(p, spec, 30) for p in single_moves(spec, 30)]
+    assert variants[-1].deploy.dtype == "bfloat16" and not variants[-1].steps  # the deployment moves come last
+    variants = variants[:-1]
     kinds = [v.steps[0].kind for v in variants]
     assert all(len(v.steps) == 1 for v in variants) and len({v.hash for v in variants}) == len(variants)
     assert kinds == ["quantize"] * 4 + ["prune"] * 2 + ["depth"] * 2 + ["width", "moefy"]
@@ -163,5 +165,5 @@ def test_single_moves_are_one_move_each_on_the_grid_and_mildest_first():
 def test_a_space_with_nothing_to_move_has_no_single_moves():
     from greenopt.search.space import single_moves
 
-    spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1)
+    spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1, dtypes=())
     assert single_moves(spec, 30) == []

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from greenopt.config import Deploy, RUNTIME_EXTRAS, Variant, validated
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label.card import write_card
 
@@ -153,3 +154,29 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--intensity", type=real(0), default=None,
                    help="grid carbon intensity in gCO2e/kWh, 0 or more (default 475)")
+
+
+def add_deploy_args(p) -> None:
+    """``--runtime``, ``--runtime-dtype``, ``--runtime-weights``, ``--block-size``, ``--accuracy-level``."""
+    g = p.add_argument_group("deployment (the runtime the variant is measured and scored on)")
+    g.add_argument("--runtime", choices=tuple(RUNTIME_EXTRAS), help="runtime (default: transformers, the reference)")
+    g.add_argument("--runtime-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype on that runtime (default: the dtype the model is loaded in)")
+    g.add_argument("--runtime-weights", choices=("dense", "int8", "int4"),
+                   help="the runtime's own weight format (onnxruntime-genai MatMulNBits)")
+    g.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), help="MatMulNBits block size")
+    g.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits accuracy level (4: int8 activations)")
+
+
+def with_deploy(variant: Variant, args) -> Variant:
+    """The variant with the deployment the flags ask for (a variant file's own ``deploy`` if none is given)."""
+    fields = {"runtime": args.runtime, "dtype": args.runtime_dtype, "weights": args.runtime_weights,
+              "block_size": args.block_size, "accuracy_level": args.accuracy_level}
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return variant
+    if not variant.deploy.is_reference:
+        raise ConfigError("the variant file already sets deploy:; drop --runtime* flags or the file's deploy: block")
+    deploy = validated(Deploy, given, where="--runtime flags")
+    return variant.model_copy(update={"deploy": deploy})

@@ -11,6 +11,7 @@ from rich.table import Table
 from greenopt import offline
 from greenopt.assess import AssessSpec, assess
 from greenopt.cli.common import (
+    add_deploy_args,
     add_measure_args,
     check_writable,
     console,
@@ -18,6 +19,7 @@ from greenopt.cli.common import (
     out,
     progress_bars,
     whole,
+    with_deploy,
     write_card_folder,
 )
 from greenopt.config import EvalSpec, Variant, load_variant, protocol_preset
@@ -31,6 +33,8 @@ EPILOG_MEASURE = """examples:
   greenopt measure --model default --protocol cpu
   greenopt measure --model default --variant recipes/variants/hqq4-ffn.yaml --tasks arc_easy piqa
   greenopt measure --model ./my-checkpoint --baseline default --json
+  greenopt measure --model default --runtime-dtype bfloat16            # bf16 where the CPU has it
+  greenopt measure --model default --runtime onnxruntime-genai --runtime-weights int4 --block-size 32
 """
 
 
@@ -60,6 +64,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.add_argument("--json", action="store_true", help="print the label card as JSON")
     add_measure_args(p)
+    add_deploy_args(p)
 
 
 def cmd_fetch(args) -> int:
@@ -103,7 +108,7 @@ def cmd_measure(args) -> int:
     tasks = ("arc_easy", "piqa") if args.tasks is None else tuple(args.tasks)
     spec = AssessSpec(
         model=args.model, baseline=args.baseline,
-        variant=load_variant(args.variant) if args.variant else Variant(),
+        variant=with_deploy(load_variant(args.variant) if args.variant else Variant(), args),
         protocol=protocol_from_args(args),
         eval=EvalSpec(tasks=tasks, limit=args.limit or None) if tasks else None,
         meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype or "auto",

@@ -56,6 +56,15 @@ class SpaceSpec(Strict):
     moefy_experts: tuple[int, ...] = ()  # e.g. (4, 8); "no MoE" always allowed
     moefy_top_k: tuple[int, ...] = (1, 2)
     expert_keep_min: float = Field(1.0, gt=0, le=1)  # for models that are already MoE
+    # The deployment is part of the variant. Compute dtypes tried on transformers beside the dtype
+    # the model is loaded in; a search leaves out those without a fast path on its machine (kernel probe).
+    dtypes: tuple[Literal["bfloat16", "float16"], ...] = ("bfloat16",)
+    # Runtimes beside transformers (always in the space: the baseline runs there); with their own
+    # weight formats (onnxruntime-genai MatMulNBits), block sizes and accuracy levels.
+    runtimes: tuple[Literal["onnxruntime-genai"], ...] = ()
+    runtime_weights: tuple[Literal["dense", "int8", "int4"], ...] = ("int4",)
+    block_sizes: tuple[Literal[16, 32, 64, 128, 256], ...] = (32,)
+    accuracy_levels: tuple[Literal[0, 1, 2, 3, 4], ...] = (4,)
 
     @field_validator("sparsity")
     @classmethod
@@ -70,6 +79,11 @@ class SpaceSpec(Strict):
         if any(not 0 < x < 1 for x in v):
             raise ValueError("heads_keep fractions must lie in (0, 1); 1.0 (all heads) is always allowed")
         return tuple(sorted(set(v), reverse=True))
+
+    @field_validator("dtypes", "runtimes", "runtime_weights", "block_sizes", "accuracy_levels")
+    @classmethod
+    def _distinct(cls, v: tuple) -> tuple:
+        return tuple(dict.fromkeys(v))
 
     @field_validator("moefy_experts", "moefy_top_k")
     @classmethod

@@ -277,8 +277,12 @@ def render_markdown(card: LabelCard) -> str:
     out += ["", "## Runtime", "",
             f"- Libraries: torch {_md(r.torch)}, transformers {_md(r.transformers)}{libs}",
             f"- Attention: {_md(r.attention)}; dtype: {_md(r.dtype)}",
-            f"- Batch size: {r.batch_size}; prompt tokens: {r.prompt_tokens}; new tokens: {r.new_tokens}",
-            "", "## Accuracy", "",
+            f"- Batch size: {r.batch_size}; prompt tokens: {r.prompt_tokens}; new tokens: {r.new_tokens}"]
+    if r.deployed is not None:
+        out.append(f"- Variant deployed on: {_md(r.deployed.line())}")
+    if r.baseline is not None:
+        out.append(f"- Baseline on (the reference): {_md(r.baseline.line())}")
+    out += ["", "## Accuracy", "",
             f"Items per task: {card.eval_limit or 'full set'}; seed {card.eval_seed}. "
             "Drop = baseline minus variant (positive: the variant is worse).", "",
             "| task | metric | variant | baseline | drop | n |", "|---|---|---|---|---|---|"]

@@ -14,6 +14,8 @@ from greenopt.records.label import (
     CarbonLine,
     EnergySummary,
     Grade,
+    KernelProbe,
+    KernelTiming,
     LabelCard,
     RuntimeDescription,
     RuntimeInfo,
@@ -53,7 +55,7 @@ from greenopt.records.ship import (
 
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
-    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "LabelCard",
+    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "KernelProbe", "KernelTiming", "LabelCard",
     "ModelInfo", "NoiseFloor", "QuickLook", "Record", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",

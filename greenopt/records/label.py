@@ -83,6 +83,37 @@ class RuntimeDescription(Record):
         return f"{self.name} {self.version}, {where}{kernels}"
 
 
+class KernelTiming(Record):
+    """One compute path of the kernel probe: seconds per batch-1 call and its ratio to fp32 in the
+    same run (None with a ``note`` when the path does not exist here); ``fast``: ratio <= the cut."""
+
+    name: str
+    seconds_per_call: float | None
+    ratio_to_fp32: float | None
+    fast: bool
+    note: str | None = None
+
+
+class KernelProbe(Record):
+    """What :func:`greenopt.runtimes.probe.probe_kernels` found on this machine."""
+
+    cpu_flags: tuple[str, ...]
+    threads: int
+    shape: tuple[int, int]  # (in_features, out_features) of the probed weight
+    timings: tuple[KernelTiming, ...]
+    duration_s: float
+
+    def lines(self) -> list[str]:
+        """One line per path: ``bfloat16 matmul  0.29x fp32  fast``."""
+        out = []
+        for t in self.timings:
+            if t.ratio_to_fp32 is None:
+                out.append(f"{t.name}: not available ({t.note})")
+            else:
+                out.append(f"{t.name}: {t.ratio_to_fp32:.2f}x fp32's time" + (" (fast)" if t.fast else ""))
+        return out
+
+
 class RuntimeInfo(Record):
     """The runtime the figures hold for: library versions, attention, dtype and workload.
 

@@ -77,8 +77,8 @@ def weight_kernels(model: torch.nn.Module) -> tuple[str, ...]:
     counts: collections.Counter[str] = collections.Counter()
     for module in model.modules():
         w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if w is None:
-            continue
+        if w is None or w.ndim != 2 or isinstance(module, torch.nn.Embedding):
+            continue  # norms and lookups are not matmul kernels
         kind = type(w.data).__name__ if type(w.data) is not torch.Tensor else str(w.dtype).removeprefix("torch.")
         counts[f"{type(module).__name__}[{kind}]"] += 1
     return tuple(f"{k} x{n}" for k, n in counts.most_common())

@@ -99,11 +99,14 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
     target = _goal(spec)
     set_threads(spec.threads)
     with rundir.locked(rundir.run_dir(spec)) as rd, contextlib.ExitStack() as stack:
-        rundir.check(spec, resume=resume, force=force)
         storage_url = spec.storage or rd.sqlite_url
         study_storage.check_storage(storage_url)  # a bad URL or a dead server fails before the model loads
         if runner is None:  # the runner search() builds, search() closes
             runner = stack.enter_context(contextlib.closing(TransformersRunner(spec)))
+        if force and not resume:
+            rd.kernels.unlink(missing_ok=True)  # a run started over probes this machine again
+        spec = spec.model_copy(update={"space": runner.fit_space(spec.space, rd.kernels)})
+        rundir.check(spec, resume=resume, force=force)
         runner.prepare(progress)
         rundir.prepare(spec, resume=resume, force=force)
         study = study_storage.open_study(spec, storage_url, create=True, resume=resume)

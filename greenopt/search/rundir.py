@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # Fields that may change when resuming (a longer budget, a new time limit).
 RESUMABLE_CHANGES = frozenset({"n_trials", "timeout_s"})
 _OWNED = ("study.db", "search.yaml", "environment.json", "trials", "result.json", "chosen.yaml",
-          "pareto.png", "pareto.html")
+          "pareto.png", "pareto.html", "kernels.json")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ class RunDir:
     @property
     def html(self) -> Path:
         return self.root / "pareto.html"
+
+    @property
+    def kernels(self) -> Path:
+        return self.root / "kernels.json"
 
     @property
     def lock(self) -> Path:

@@ -26,18 +26,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from greenopt import offline
 from greenopt.compress import ApplyContext, apply
 from greenopt.compress.calibration import text_windows
-from greenopt.config import SearchSpec, Variant, protocol_preset
+from greenopt.config import SearchSpec, SpaceSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, compare_repeated
 from greenopt.models import load_model
 from greenopt.records import Comparison, EvalResult, QuickLook, RunOutcome
+from greenopt.runtimes import as_runtime, cast, realise
+from greenopt.search.machine import space_for_machine
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,9 @@ class TrialRunner(Protocol):
     def environment(self) -> dict[str, Any]:
         """Facts about the model, device and meter for ``environment.json``."""
 
+    def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
+        """The space narrowed to what runs well where this runner runs (before ``prepare``)."""
+
     def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
         """``repeats`` fresh comparisons of ``variant`` against the baseline, combined
         (:func:`greenopt.measure.workload.compare_repeated`) under the full protocol."""
@@ -124,6 +130,7 @@ class TransformersRunner:
         self._baseline_eval: EvalResult | None = None
         self._baseline_ppl: float | None = None
         self._windows: Any = None
+        self._left_out: dict[str, str] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -161,12 +168,17 @@ class TransformersRunner:
             raise RuntimeError("call prepare() first")
         return self._baseline_eval
 
+    def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
+        narrowed, self._left_out = space_for_machine(space, resolve_device(self._device_arg), kernels_path)
+        return narrowed
+
     def environment(self) -> dict[str, Any]:
         dev = self._meter.device()
         model = self._need_model()
         return {"model": self.spec.model, "model_info": self._info.model_dump() if self._info else None,
                 "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                "device": dev.model_dump(), "meter": self._meter.name, "meter_tier": self._meter.tier}
+                "device": dev.model_dump(), "meter": self._meter.name, "meter_tier": self._meter.tier,
+                "space_left_out": self._left_out}
 
     def close(self) -> None:
         self._model = None
@@ -186,7 +198,9 @@ class TransformersRunner:
         cand = copy.deepcopy(base)
         try:
             t = time.perf_counter()
+            cast(cand, variant.deploy)
             report = apply(cand, variant, ctx=self._ctx, progress=_prefixed(progress, "apply"))
+            cand = realise(cand, self._tok, variant.deploy, steps=variant.steps)
             times["apply_s"] = time.perf_counter() - t
             quick = None
             if not variant.is_baseline and cut is not None:
@@ -210,9 +224,9 @@ class TransformersRunner:
         base = self._need_model()
 
         def pair(r: int):  # fresh copies of both sides, the variant re-applied (seeded: same weights)
-            cand = copy.deepcopy(base)
+            cand = cast(copy.deepcopy(base), variant.deploy)
             apply(cand, variant, ctx=self._ctx)
-            return copy.deepcopy(base), cand
+            return copy.deepcopy(base), realise(cand, self._tok, variant.deploy, steps=variant.steps)
 
         try:
             return compare_repeated(pair, self._tok, protocol_preset(self.spec.fidelity.protocol), self._meter,
@@ -242,16 +256,18 @@ class TransformersRunner:
         return quick, None
 
     def _perplexity(self, model: Any) -> float:
-        """exp(mean NLL) over fixed windows of held-aside text; inf when the loss is not finite."""
-        import torch
+        """exp(mean NLL) over fixed windows of held-aside text, scored on the model's runtime; inf
+        when the loss is not finite."""
+        import torch.nn.functional as F
 
         if self._windows is None:
             self._windows = _perplexity_windows(self._tok, self.spec.fidelity.perplexity_windows,
                                                 self.spec.fidelity.perplexity_tokens)
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            ids = self._windows.to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float().item()
+        runtime = as_runtime(model, self._tok)
+        ids = self._windows
+        with runtime.measuring():
+            logits = runtime.logits(ids)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(logits.device)).item()
         return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from greenopt.config import (
+    Deploy,
     DepthStep,
     ExpertPruneStep,
     MoefyStep,
@@ -82,6 +83,21 @@ def dims(spec: SpaceSpec, num_layers: int) -> list[Dim]:
     if spec.moefy_experts:
         out.append(Dim("moefy.experts", "cat", (0,) + spec.moefy_experts, identity=0))
         out.append(Dim("moefy.top_k", "cat", spec.moefy_top_k, identity=spec.moefy_top_k[0]))
+    return out + _deploy_dims(spec)
+
+
+def _deploy_dims(spec: SpaceSpec) -> list[Dim]:
+    out: list[Dim] = []
+    if spec.dtypes:
+        out.append(Dim("deploy.dtype", "cat", ("auto",) + spec.dtypes, identity="auto"))
+    if spec.runtimes:
+        out.append(Dim("deploy.runtime", "cat", ("transformers",) + spec.runtimes, identity="transformers"))
+        weights = tuple(dict.fromkeys(("dense",) + spec.runtime_weights))
+        if len(weights) > 1:
+            out.append(Dim("deploy.weights", "cat", weights, identity=weights[-1]))
+        for name, choices in (("deploy.block_size", spec.block_sizes), ("deploy.accuracy_level", spec.accuracy_levels)):
+            if len(choices) > 1:
+                out.append(Dim(name, "cat", choices, identity=choices[0]))
     return out
 
 
@@ -102,7 +118,7 @@ def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
     For the search's warm start (``SearchSpec.warm_start``): uniform quantization at each
     bit width and method, each pruning pattern at its middle sparsity, an eighth and a quarter
     of the layers dropped, an FFN kept at 75%, each head fraction, and each MoE split with its
-    largest top-k. Values are snapped to the space's grid; each dict builds a one-move Variant.
+    largest top-k, each compute dtype, and each runtime with its own weight format. Values are snapped to the space's grid; each dict builds a one-move Variant.
     """
     by_name = {d.name: d for d in dims(spec, num_layers)}
     base = baseline_params(spec, num_layers)
@@ -136,6 +152,10 @@ def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
             add(**{"moefy.experts": e, "moefy.top_k": max(k for k in by_name["moefy.top_k"].choices if k <= e)})
     if "experts.keep" in by_name:
         add(**{"experts.keep": _snap(by_name["experts.keep"], 0.75)})
+    for dtype in by_name["deploy.dtype"].choices[1:] if "deploy.dtype" in by_name else ():
+        add(**{"deploy.dtype": dtype})
+    for runtime in by_name["deploy.runtime"].choices[1:] if "deploy.runtime" in by_name else ():
+        add(**{"deploy.runtime": runtime})
     return out
 
 
@@ -199,7 +219,29 @@ def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
         sparsity = 0.5 if pattern == "2:4" else _r(p.get("prune.sparsity", spec.sparsity[0]))
         steps.append(PruneStep(method=spec.prune_method, pattern=pattern, sparsity=sparsity))
     steps += _quantize_steps(p, spec, num_layers - drop, ffn_dense=not experts)
-    return Variant(steps=tuple(steps))
+    deploy = _deploy(p, spec)
+    if deploy.runtime != "transformers":  # it reads ordinary checkpoints: its own weight format replaces
+        steps = [s for s in steps if isinstance(s, _PLAIN_STEPS)]  # quantize steps; MoE splits are not sampled
+    return Variant(steps=tuple(steps), deploy=deploy)
+
+
+_PLAIN_STEPS = (DepthStep, WidthStep, PruneStep)
+
+
+def _deploy(p: dict[str, Any], spec: SpaceSpec) -> Deploy:
+    runtime = p.get("deploy.runtime", "transformers")
+    if runtime == "transformers":
+        return Deploy(dtype=p.get("deploy.dtype", "auto"))
+    return Deploy(runtime=runtime, weights=p.get("deploy.weights", spec.runtime_weights[-1]),
+                  block_size=p.get("deploy.block_size", spec.block_sizes[0]),
+                  accuracy_level=p.get("deploy.accuracy_level", spec.accuracy_levels[0]))
+
+
+def not_sampled(spec: SpaceSpec) -> list[str]:
+    """What the space's runtimes do not sample, one line each (for the dry run and recipe validate)."""
+    return [f"{r}: quantize and MoE moves are not sampled for it (it reads ordinary checkpoints and "
+            f"quantizes with its own {'/'.join(w for w in spec.runtime_weights if w != 'dense') or 'dense'} "
+            "weights); depth, width and prune moves are" for r in spec.runtimes]
 
 
 def _r(x: float) -> float:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-from greenopt.config import Variant, parse_layers
+from greenopt.config import SpaceSpec, Variant, parse_layers
 from greenopt.measure import stats
 from greenopt.records import (
     Comparison,
@@ -214,6 +215,10 @@ class FakeRunner:
             quick = None
         cmp = fake_comparison(eei, hw, tier=self.tier, device=self._device, protocol_id=self.protocol_id)
         return RunOutcome(quick=quick, eval=self._eval(loss), comparison=cmp, durations_s={"fake_s": self.sleep_s})
+
+    def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
+        """The space as given: the fake runs every choice equally well."""
+        return space
 
     def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
         """Repeated comparisons around ``confirm_eei(variant, search_eei)`` (default: the search's
