@@ -68,6 +68,17 @@ def estimate_s(spec: CalibrateSpec) -> float:
     return spec.comparisons * (2 * per_side + 1.0 + 20.0)
 
 
+def needs_calibration(spec: CalibrateSpec) -> bool:
+    """True when no floor is stored for this machine, the spec's meter, protocol and thread count.
+
+    ``greenopt measure`` calibrates on first use when this holds (unless ``--no-calibrate`` or
+    ``GREENOPT_AUTO_CALIBRATE=0``).
+    """
+    meter = select_meter(spec.meter, cpu_watts=spec.cpu_watts, device=resolve_device(spec.device))
+    threads = spec.threads or torch.get_num_threads()
+    return noise.load_floor(meter.name, spec.resolved_protocol().id, threads) is None
+
+
 def calibrate(spec: CalibrateSpec, *, progress: Progress | None = None, isolate: bool = True) -> NoiseFloor:
     """Runs ``spec.comparisons`` A/A comparisons in fresh processes and stores the noise floor.
 

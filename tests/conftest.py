@@ -8,6 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Noise floors a user calibrated on this machine must not change what the tests measure.
 os.environ["GREENOPT_CALIBRATION"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"greenopt-test-calibration-{os.getpid()}")
+# measure calibrates on first use; tests that want it turn it back on (tests/test_calibrate.py).
+os.environ["GREENOPT_AUTO_CALIBRATE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

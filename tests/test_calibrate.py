@@ -122,3 +122,27 @@ def test_cli_calibrate_show_and_refusals(tiny_dir, floors, capsys):
     assert main(["calibrate", "--show", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert len(shown) == 1 and shown[0]["meter"] == "estimate"
+
+
+def test_measure_calibrates_on_first_use_only(tiny_dir, floors, tmp_path, monkeypatch, capsys):
+    import greenopt.cli.measure as cli_measure
+
+    monkeypatch.setenv("GREENOPT_AUTO_CALIBRATE", "1")
+    real, calls = cli_measure.calibrate, []
+
+    def in_process(spec, progress=None):
+        calls.append(spec)
+        return real(spec, progress=progress, isolate=False)  # fresh processes are tested above
+
+    monkeypatch.setattr(cli_measure, "calibrate", in_process)
+    argv = ["measure", "--model", str(tiny_dir), "--protocol", "smoke", "--meter", "estimate", "--cpu-watts", "10",
+            "--threads", "1", "--tasks", "--comparisons", "1", "--out", str(tmp_path / "card")]
+    assert main(argv) == 0
+    assert len(calls) == 1 and calls[0].comparisons == 5 and calls[0].threads == 1
+    shown = capsys.readouterr()
+    assert "first use here: calibrating" in shown.out + shown.err
+    card = json.loads((tmp_path / "card" / "label.json").read_text())
+    assert "calibrat" in card["interval_note"] and "uncalibrated default" not in card["interval_note"]
+    assert main(argv) == 0 and len(calls) == 1  # stored: not again
+    monkeypatch.setenv("GREENOPT_CALIBRATION", str(tmp_path / "elsewhere"))
+    assert main(argv + ["--no-calibrate"]) == 0 and len(calls) == 1

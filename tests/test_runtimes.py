@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,29 @@ def test_assess_refuses_what_the_runtime_cannot_realise_before_loading(monkeypat
     with pytest.raises(ConfigError, match="cannot realise a quantize step"):
         assess(AssessSpec(model="default", variant=variant, protocol="smoke", meter="estimate", eval=None,
                           cpu_watts=10))
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_measure_at_several_batch_sizes_writes_one_card_each(tiny_dir, tmp_path, capsys):
+    from greenopt.cli import main
+
+    out = tmp_path / "cards"
+    rc = main(["measure", "--model", str(tiny_dir), "--protocol", "smoke", "--meter", "estimate", "--cpu-watts", "10",
+               "--tasks", "--comparisons", "1", "--batch", "1,2", "--out", str(out), "--json"])
+    assert rc == 0
+    cards = json.loads(capsys.readouterr().out)["batches"]
+    assert [c["card"]["protocol_id"] for c in cards] == ["GO-1/b1/p8-n4", "GO-1/b2/p8-n4"]
+    assert (out / "b1" / "label.json").is_file() and (out / "b2" / "label.json").is_file()
+
+
+def test_measure_runtime_flags_reach_the_card(tiny_dir, tmp_path, capsys, monkeypatch):
+    from greenopt.cli import main
+
+    monkeypatch.setattr("greenopt.runtimes.cpu_has_bf16", lambda flags=None: True)
+    rc = main(["measure", "--model", str(tiny_dir), "--protocol", "smoke", "--meter", "estimate", "--cpu-watts", "10",
+               "--tasks", "--comparisons", "1", "--runtime-dtype", "bfloat16", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    card = json.loads(capsys.readouterr().out)["card"]
+    assert card["runtime"]["deployed"]["dtype"] == "bfloat16" and card["runtime"]["baseline"]["dtype"] == "float32"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from greenopt import offline
 from greenopt.assess import AssessSpec, assess
+from greenopt.calibrate import CalibrateSpec, calibrate, estimate_s, needs_calibration
 from greenopt.cli.common import (
     add_deploy_args,
     add_measure_args,
@@ -23,6 +25,7 @@ from greenopt.cli.common import (
     write_card_folder,
 )
 from greenopt.config import EvalSpec, Variant, load_variant, protocol_preset
+from greenopt.errors import ConfigError
 from greenopt.evaluate.tasks import prepare_tasks
 from greenopt.label import DEFAULT_GRID_G_PER_KWH
 from greenopt.label.card import render_json
@@ -33,6 +36,7 @@ EPILOG_MEASURE = """examples:
   greenopt measure --model default --protocol cpu
   greenopt measure --model default --variant recipes/variants/hqq4-ffn.yaml --tasks arc_easy piqa
   greenopt measure --model ./my-checkpoint --baseline default --json
+  greenopt measure --model default --batch 1,8,32 --tasks               # J/token per batch size
   greenopt measure --model default --runtime-dtype bfloat16            # bf16 where the CPU has it
   greenopt measure --model default --runtime onnxruntime-genai --runtime-weights int4 --block-size 32
 """
@@ -63,6 +67,12 @@ def add_parsers(sub) -> None:
                         "in-run interval only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.add_argument("--json", action="store_true", help="print the label card as JSON")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip calibrating this machine's noise floor on first use (intervals then use a stored "
+                        "floor, or an estimate's stated default)")
+    p.add_argument("--batch", type=batch_sizes, metavar="N[,N...]",
+                   help="measure at each of these generation batch sizes, one card each (e.g. 1,8,32); "
+                        "the label holds for the batch you serve")
     add_measure_args(p)
     add_deploy_args(p)
 
@@ -105,8 +115,11 @@ def protocol_from_args(args):
 
 
 def cmd_measure(args) -> int:
+    if args.batch and args.batch_size:
+        raise ConfigError("pass either --batch (several batch sizes) or --batch-size, not both")
+    batches = args.batch or (args.batch_size,)
     tasks = ("arc_easy", "piqa") if args.tasks is None else tuple(args.tasks)
-    spec = AssessSpec(
+    base = AssessSpec(
         model=args.model, baseline=args.baseline,
         variant=with_deploy(load_variant(args.variant) if args.variant else Variant(), args),
         protocol=protocol_from_args(args),
@@ -118,19 +131,72 @@ def cmd_measure(args) -> int:
         trust_remote_code=args.trust_remote_code, comparisons=args.comparisons,
     )
     check_writable(args.out or "runs", "--out")  # before minutes of measuring
-    with progress_bars(not args.json) as progress:
-        result = assess(spec, progress=progress)
-    out_dir = Path(args.out or Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}")
-    paths = write_card_folder(result.card, out_dir)
+    auto_calibrate = not args.no_calibrate and os.environ.get("GREENOPT_AUTO_CALIBRATE", "1") != "0"
+    results = []
+    for batch in batches:
+        spec = base if batch is None else base.model_copy(update={
+            "protocol": protocol_preset(args.protocol, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                        trials=args.trials, batch_size=batch)})
+        if auto_calibrate:
+            _calibrate_on_first_use(spec, args)
+        with progress_bars(not args.json) as progress:
+            result = assess(spec, progress=progress)
+        default_out = Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}"
+        out_dir = Path(args.out or default_out) / (f"b{batch}" if len(batches) > 1 else "")
+        results.append((result.card, write_card_folder(result.card, out_dir)))
     if args.json:
-
         import json
 
-        emit_json({"card": json.loads(render_json(result.card)), "files": {k: str(v) for k, v in paths.items()}})
+        cards = [{"card": json.loads(render_json(c)), "files": {k: str(v) for k, v in p.items()}} for c, p in results]
+        emit_json(cards[0] if len(cards) == 1 else {"batches": cards})
         return 0
-    render_card_summary(result.card)
-    out.print(f"card written: {paths['markdown']}, {paths['svg']}, {paths['json']}")
+    for card, paths in results:
+        render_card_summary(card)
+        out.print(f"card written: {paths['markdown']}, {paths['svg']}, {paths['json']}")
+    if len(results) > 1:
+        render_batches([c for c, _ in results])
     return 0
+
+
+def _calibrate_on_first_use(spec: AssessSpec, args) -> None:
+    """Runs ``greenopt calibrate`` (K=5) when this machine has no floor for the meter, protocol and threads."""
+    cal = CalibrateSpec(model=spec.baseline or spec.model, protocol=spec.protocol, meter=spec.meter,
+                        cpu_watts=spec.cpu_watts, device=spec.device, dtype=spec.dtype, threads=spec.threads,
+                        trust_remote_code=spec.trust_remote_code)
+    if not needs_calibration(cal):
+        return
+    if not args.json:
+        console.print(f"first use here: calibrating the noise floor ({cal.comparisons} A/A comparisons under "
+                      f"{cal.resolved_protocol().id}, about {estimate_s(cal) / 60:.0f} min, once per machine, meter, "
+                      "protocol and thread count; --no-calibrate skips it)")
+    with progress_bars(not args.json) as progress:
+        floor = calibrate(cal, progress=progress)
+    if not args.json:
+        console.print(f"noise floor: sd {floor.log_sd:.4f} of log EEI, stored for later runs")
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: ``1,8,32`` -> (1, 8, 32), each 1 to 4096, no repeats."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if any(not 1 <= b <= 4096 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be distinct whole numbers from 1 to 4096")
+    return sizes
+
+
+def render_batches(cards) -> None:
+    """One row per batch size: J/token with its interval and tier, tokens/s, EEI and class."""
+    t = Table(title="J/token per batch size (each row its own protocol id and card)")
+    for col in ("protocol", "J/token (95% CI)", "tier", "tokens/s", "EEI", "class"):
+        t.add_column(col)
+    for c in cards:
+        m = c.candidate
+        t.add_row(c.protocol_id, f"{m.joules_per_token:.4g} [{m.joules_per_token_ci[0]:.4g}, "
+                  f"{m.joules_per_token_ci[1]:.4g}]", m.tier, f"{m.tokens_per_s:.3g}", f"{c.relative.value:.1f}",
+                  c.relative.display)
+    out.print(t)
 
 
 def _slug(text: str) -> str:
