@@ -105,7 +105,8 @@ def _replace(model, it, h: torch.Tensor | None, act_order: bool) -> None:
         log.warning("gptq: %s saw no calibration input; rounding it to nearest", it.name)
         h = torch.eye(w.shape[1], device=w.device)
     codes, scale, zero = gptq_weight(w, h.to(w.device), it.bits, it.group_size, act_order)
-    new = PackedLinear(codes, scale, zero, it.bits, it.group_size, it.module.bias, "gptq")
+    new = PackedLinear(codes, scale, zero, it.bits, it.group_size, it.module.bias, "gptq",
+                      compute_dtype=it.module.weight.dtype)
     set_module(model, it.name, new.to(w.device))
 
 

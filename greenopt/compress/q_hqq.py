@@ -33,6 +33,7 @@ def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:
 
     for it in items:
         codes, scale, zero = quantize_weight(it.module.weight, it.bits, it.group_size)
-        new = PackedLinear(codes, scale, zero, it.bits, it.group_size, it.module.bias, "hqq")
+        new = PackedLinear(codes, scale, zero, it.bits, it.group_size, it.module.bias, "hqq",
+                          compute_dtype=it.module.weight.dtype)
         set_module(model, it.name, new.to(it.module.weight.device))
     return ()

@@ -3,7 +3,9 @@
 A weight ``W[out, in]`` is stored as unsigned codes ``q`` (2, 3, 4 or 8 bits, packed into
 bytes along each row) with one fp16 scale and one fp16 zero per group of ``group_size``
 consecutive input features: ``W ~= (q - zero) * scale``. Forward dequantizes the whole
-weight and runs a dense matmul: memory shrinks, work per token does not (no fast kernel).
+weight and runs a dense matmul: memory shrinks, work per token does not (no fast kernel) --
+except 4-bit Linears with bfloat16 activations on CPU, which run torch's fused int4 kernel
+(``_weight_int4pack_mm_for_cpu``, the tinygemm layout) on the same codes, scales and zeros.
 """
 
 from __future__ import annotations
@@ -103,13 +105,20 @@ class _Packed(torch.nn.Module):
         return w.reshape(*w.shape[:-2], self.cols).to(dtype)
 
 
+_INT4_CPU = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
 class PackedLinear(_Packed):
-    """A Linear whose weight is stored packed; dequantizes on every forward (no fast kernel)."""
+    """A Linear whose weight is stored packed; dequantizes on every forward, or, for 4-bit codes
+    with bfloat16 activations on CPU, runs the fused int4 kernel (:attr:`greenopt_fast_kernel`)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 group_size: int, bias: torch.Tensor | None, method: str) -> None:
+                 group_size: int, bias: torch.Tensor | None, method: str,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(codes, scale, zero, bits, group_size, method)
         self.out_features, self.in_features = codes.shape
+        self.compute_dtype = compute_dtype  # the dtype of the Linear it replaced: what activations will be
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
@@ -123,8 +132,32 @@ class PackedLinear(_Packed):
         """The dense weight ``[out, in]`` these codes stand for."""
         return self._dequant(self.codes, self.scale, self.zero, dtype)
 
+    @property
+    def greenopt_fast_kernel(self) -> bool:  # type: ignore[override]
+        """True when forward takes the fused int4 kernel: 4-bit codes in a bfloat16 model on CPU."""
+        return self.compute_dtype == torch.bfloat16 and self.codes.device.type == "cpu" and self._int4_ok()
+
+    def _int4_ok(self) -> bool:
+        return self.bits == 4 and _INT4_CPU and self.group_size in _INT4_GROUPS and self.in_features % 32 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._int4_ok():
+            packed, scales_zeros = self._int4_cpu()
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size,
+                                                  scales_zeros).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def _int4_cpu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes in the kernel's layout, built once: W = (q - 8) * scale + (8 - zero) * scale."""
+        cached = self.__dict__.get("_int4_cache")
+        if cached is None or cached[0] is not self.codes:
+            q = unpack(self.codes, 4, self.cols).to(torch.int32).contiguous()
+            scale, zero = self.scale.view(SCALE_DTYPE).float(), self.zero.view(SCALE_DTYPE).float()
+            sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            cached = (self.codes, torch._convert_weight_to_int4pack_for_cpu(q, 2), sz)
+            self.__dict__["_int4_cache"] = cached
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

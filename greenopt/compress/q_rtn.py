@@ -32,7 +32,8 @@ def quantize_module(module: torch.nn.Module, bits: int, group_size: int) -> torc
     if isinstance(module, torch.nn.Embedding):
         return PackedEmbedding(codes, scale, zero, bits, group_size, module.weight.dtype,
                                module.padding_idx, "rtn").to(module.weight.device)
-    return PackedLinear(codes, scale, zero, bits, group_size, module.bias, "rtn").to(module.weight.device)
+    return PackedLinear(codes, scale, zero, bits, group_size, module.bias, "rtn",
+                        compute_dtype=module.weight.dtype).to(module.weight.device)
 
 
 def quantize_all(model: torch.nn.Module, items, step, ctx) -> tuple[str, ...]:

@@ -134,7 +134,8 @@ def _describe_packed_linear(name: str, m: torch.nn.Module) -> dict[str, Any] | N
     if not isinstance(m, PackedLinear):
         return None
     return {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
-            "group_size": m.group_size, "method": m.method, "bias": m.bias is not None}
+            "group_size": m.group_size, "method": m.method, "bias": m.bias is not None,
+            "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
 
 
 def _describe_packed_embedding(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
@@ -398,7 +399,8 @@ def _build_packed_linear(meta: dict, sub: dict, name: str) -> torch.nn.Module:
     o, i, g = meta["out_features"], meta["in_features"], meta["group_size"]
     z = torch.zeros(o, i // g)
     m = PackedLinear(torch.zeros(o, i, dtype=torch.uint8), z, z, meta["bits"], g,
-                     torch.zeros(o) if meta["bias"] else None, meta["method"])
+                     torch.zeros(o) if meta["bias"] else None, meta["method"],
+                     compute_dtype=getattr(torch, meta.get("compute_dtype", "float32")))
     return _load_into(m, sub, name)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -36,8 +37,8 @@ from greenopt.errors import ConfigError
 from greenopt.runtimes.base import Runtime
 from greenopt.runtimes.hf import TransformersRuntime, weight_kernels
 
-__all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "realise", "unrealisable",
-           "weight_kernels"]
+__all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "load_artifact", "realise",
+           "unrealisable", "weight_kernels"]
 
 #: Runtime name -> "module:class", imported on first use (optional backends stay optional).
 RUNTIMES: dict[str, str] = {
@@ -79,8 +80,23 @@ def cast(model: torch.nn.Module, deploy: Deploy) -> torch.nn.Module:
     """Puts a dense model in the deployment's dtype, in place, before any step is applied
     (quantizers then see the activations' dtype their kernels are chosen for). ``auto`` keeps it."""
     if deploy.dtype != "auto" and deploy.runtime == "transformers":
-        model.to(getattr(torch, deploy.dtype))
+        dtype = getattr(torch, deploy.dtype)
+        _cast_saved_state(model, dtype)
+        if getattr(model, "config", None) is not None:
+            model.config.dtype = dtype  # saved checkpoints then reload in the dtype that was measured
     return model
+
+
+def _cast_saved_state(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and persistent buffers to ``dtype``, as loading the checkpoint in that dtype
+    would give; non-persistent buffers (rotary ``inv_freq``, computed in fp32 at load) stay as they are."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
 
 
 def realise(model: torch.nn.Module, tokenizer, deploy: Deploy, *, steps: Iterable[Step] = ()) -> Runtime:
@@ -109,6 +125,28 @@ def realise(model: torch.nn.Module, tokenizer, deploy: Deploy, *, steps: Iterabl
         cast(model, deploy)
         return TransformersRuntime(model, tokenizer)
     return cls.build(model, tokenizer, deploy)
+
+
+def load_artifact(folder: str | Path, deploy: Deploy, device: str = "cpu") -> Runtime:
+    """Loads an artifact a runtime built and exported (e.g. an ONNX Runtime GenAI folder), as it is deployed.
+
+    Args:
+        folder: the folder holding the artifact and its build record (a greenopt export of it).
+        deploy: the deployment it was built for; its runtime reads the folder.
+        device: ``cpu`` or ``cuda:N``.
+
+    Returns:
+        The runtime, ready to generate and score.
+
+    Raises:
+        ConfigError: ``deploy`` is the transformers runtime (its artifact is a checkpoint: load the
+            model and :func:`realise` it), or the runtime is not installed (names the pip extra).
+    """
+    cls = runtime_class(deploy.runtime)
+    if cls is TransformersRuntime:
+        raise ConfigError(f"{folder}: a transformers deployment has no runtime artifact; load the checkpoint "
+                          "(greenopt.load) and realise it")
+    return cls(Path(folder), deploy, device)
 
 
 def runtime_class(name: str) -> type[Runtime]:
