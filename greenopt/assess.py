@@ -38,7 +38,15 @@ from greenopt.label.card import build_card, current_runtime
 from greenopt.measure.select import select_meter
 from greenopt.errors import ConfigError
 from greenopt.measure.workload import compare_repeated
-from greenopt.runtimes import Runtime, TransformersRuntime, cast, realise, runtime_class, unrealisable
+from greenopt.runtimes import (
+    Runtime,
+    TransformersRuntime,
+    cast,
+    load_artifact,
+    realise,
+    runtime_class,
+    unrealisable,
+)
 from greenopt.models import load_model
 from greenopt.records import ApplyReport, Comparison, EvalResult
 
@@ -52,7 +60,10 @@ class AssessSpec(RuntimeSpec, LabelSpec):
     schemes (:class:`LabelSpec`), then the baseline (None: the uncompressed ``model`` itself),
     the variant, its calibration sample, the protocol (a preset name or fields) and the tasks.
     ``comparisons`` independent comparisons (fresh copies of both models, the variant re-applied,
-    each with its own starting side and prompt order) make the reported EEI and its interval."""
+    each with its own starting side and prompt order) make the reported EEI and its interval.
+    ``artifact``: a folder holding the candidate as its runtime built it (an ONNX Runtime GenAI
+    export); the candidate is loaded from there for the variant's deploy (reloaded for each fresh
+    comparison), ``model`` is the baseline and the variant has no steps."""
 
     baseline: str | None = None
     variant: Variant = Variant()
@@ -60,6 +71,7 @@ class AssessSpec(RuntimeSpec, LabelSpec):
     protocol: ProtocolRef = "cpu"
     eval: EvalSpec | None = EvalSpec()
     comparisons: int = Field(3, ge=1, le=50)
+    artifact: str | None = None
 
     def resolved_protocol(self) -> Protocol:
         return as_protocol(self.protocol)
@@ -74,7 +86,7 @@ class Assessment:
     candidate_eval: EvalResult
     baseline_eval: EvalResult
     apply_report: ApplyReport | None
-    candidate: torch.nn.Module
+    candidate: torch.nn.Module | None  # None when the candidate was loaded from an artifact (see runtime)
     tokenizer: object
     runtime: Runtime | None = None  # the candidate as deployed (its runtime); None only for old callers
 
@@ -93,7 +105,19 @@ def preflight(spec: AssessSpec):
     if reason:
         raise ConfigError(reason)
     runtime_class(spec.variant.deploy.runtime)  # installed? (names the pip extra if not)
+    if spec.artifact is not None:
+        _check_artifact_spec(spec)
     return protocol, meter, rel, abs_
+
+
+def _check_artifact_spec(spec: AssessSpec) -> None:
+    if spec.variant.steps or spec.variant.deploy.runtime == "transformers":
+        raise ConfigError(f"artifact {spec.artifact}: the variant must be its runtime's deploy without steps "
+                          f"(got {spec.variant.deploy.describe()}, {len(spec.variant.steps)} steps); "
+                          "the steps are already in the artifact")
+    if spec.baseline not in (None, spec.model):
+        raise ConfigError(f"artifact {spec.artifact}: model is the baseline; leave baseline unset "
+                          f"(got baseline {spec.baseline} beside model {spec.model})")
 
 
 def _empty_eval(spec: EvalSpec | None) -> EvalResult:
@@ -101,7 +125,8 @@ def _empty_eval(spec: EvalSpec | None) -> EvalResult:
 
 
 def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
-    """Measures, evaluates and labels ``spec.model`` (with ``spec.variant`` applied).
+    """Measures, evaluates and labels ``spec.model`` (with ``spec.variant`` applied), or the
+    artifact in ``spec.artifact`` on its runtime against ``spec.model`` as the baseline.
 
     Args:
         spec: model, baseline, variant, protocol, tasks, meter and label schemes.
@@ -120,6 +145,36 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
     dtype = resolve_dtype(spec.dtype, device)
     model, tok, info = load_model(spec.model, dtype=dtype, device=device,
                                   trust_remote_code=spec.trust_remote_code)
+    variant = spec.variant
+    if spec.artifact is not None:
+        baseline, candidate, pair, report = _artifact_sides(spec, model, device)
+        changes = True
+    else:
+        baseline, candidate, pair, report = _model_sides(spec, model, tok, dtype, device, progress)
+        changes = bool(variant.steps) or not variant.deploy.is_reference
+    comparison = compare_repeated(pair, tok, protocol, meter, spec.comparisons, progress=progress)
+    if spec.eval is not None and spec.eval.tasks:
+        cand_eval = evaluate(candidate, tok, spec.eval, progress=progress)
+        base_eval = evaluate(baseline, tok, spec.eval, progress=progress) if changes else cand_eval
+    else:
+        cand_eval = base_eval = _empty_eval(spec.eval)
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    runtime = current_runtime(protocol, attention, candidate.describe().dtype).model_copy(update={
+        "deployed": candidate.describe(), "baseline": TransformersRuntime(baseline, tok).describe()})
+    card = build_card(
+        model_id=info.model_id, variant_name=variant.name or ("baseline" if variant.is_baseline else variant.hash),
+        variant_hash=variant.hash, comparison=comparison, candidate_eval=cand_eval,
+        baseline_eval=base_eval, runtime=runtime,
+        relative_scheme=rel, absolute_scheme=abs_, intensity_g_per_kwh=spec.intensity_g_per_kwh,
+        apply_report=report,
+    )
+    return Assessment(card=card, comparison=comparison, candidate_eval=cand_eval, baseline_eval=base_eval,
+                      apply_report=report, candidate=None if spec.artifact else model, tokenizer=tok,
+                      runtime=candidate)
+
+
+def _model_sides(spec: AssessSpec, model, tok, dtype: str, device: str, progress: Progress | None):
+    """(baseline, candidate runtime, pair(r), apply report): the variant applied to ``spec.model``."""
     if spec.baseline is None or spec.baseline == spec.model:
         baseline = copy.deepcopy(model) if spec.variant.steps else model
     else:
@@ -146,24 +201,19 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
         apply(cand, variant, tokenizer=tok, calib=spec.calib)
         return copy.deepcopy(baseline), realise(cand, tok, variant.deploy, steps=variant.steps)
 
-    comparison = compare_repeated(pair, tok, protocol, meter, spec.comparisons, progress=progress)
-    if spec.eval is not None and spec.eval.tasks:
-        cand_eval = evaluate(candidate, tok, spec.eval, progress=progress)
-        base_eval = evaluate(baseline, tok, spec.eval, progress=progress) if changes else cand_eval
-    else:
-        cand_eval = base_eval = _empty_eval(spec.eval)
-    attention = getattr(model.config, "_attn_implementation", None) or "default"
-    runtime = current_runtime(protocol, attention, candidate.describe().dtype).model_copy(update={
-        "deployed": candidate.describe(), "baseline": TransformersRuntime(baseline, tok).describe()})
-    card = build_card(
-        model_id=info.model_id, variant_name=variant.name or ("baseline" if variant.is_baseline else variant.hash),
-        variant_hash=variant.hash, comparison=comparison, candidate_eval=cand_eval,
-        baseline_eval=base_eval, runtime=runtime,
-        relative_scheme=rel, absolute_scheme=abs_, intensity_g_per_kwh=spec.intensity_g_per_kwh,
-        apply_report=report,
-    )
-    return Assessment(card=card, comparison=comparison, candidate_eval=cand_eval, baseline_eval=base_eval,
-                      apply_report=report, candidate=model, tokenizer=tok, runtime=candidate)
+    return baseline, candidate, pair, report
+
+
+def _artifact_sides(spec: AssessSpec, model, device: str):
+    """(baseline, candidate runtime, pair(r), None): ``spec.model`` against the artifact, reloaded per comparison."""
+    candidate = load_artifact(spec.artifact, spec.variant.deploy, device)
+
+    def pair(r: int):
+        if r == 0:
+            return model, candidate
+        return copy.deepcopy(model), load_artifact(spec.artifact, spec.variant.deploy, device)
+
+    return model, candidate, pair, None
 
 
 def _realised_report(model, variant: Variant, tok, spec: AssessSpec, progress: Progress | None) -> ApplyReport:

@@ -28,6 +28,7 @@ from greenopt.env import resolve_dtype, set_threads
 from greenopt.errors import ConfigError
 from greenopt.label.card import load_card, write_card
 from greenopt.models import load_model
+from greenopt.runtimes import cast
 from greenopt.ship import (
     ExportProvenance,
     VerifySpec,
@@ -154,6 +155,7 @@ def cmd_apply(args) -> int:
                                   trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
     torch.manual_seed(calib.seed if calib else 0)
 
+    cast(model, variant.deploy)  # the steps see the deployment's dtype, as measurement applies them
     with progress_bars(not args.json) as progress:
         report = apply(model, variant, tokenizer=tok, calib=calib, progress=progress)
     prov = ExportProvenance(
@@ -194,6 +196,7 @@ def _print_manifest(manifest, out: str, as_json: bool) -> int:
     if info.weight_bytes_before is not None:
         stdout.print(f"  weight bytes {info.weight_bytes_before:,} -> {info.weight_bytes_after:,}")
     how = ("transformers.AutoModelForCausalLM.from_pretrained(DIR)" if manifest.loader == "transformers"
+           else "onnxruntime_genai.Model(DIR)" if manifest.loader == "onnxruntime-genai"
            else f"greenopt.load(DIR)  ({manifest.loader_reason})")
     stdout.print(f"  load with {how}")
     stdout.print(f"  weights sha256 {manifest.weights_sha256[:16]}…; label card: "

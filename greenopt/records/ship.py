@@ -57,7 +57,14 @@ class GateResult(Record):
 
 
 class ExportManifest(Record):
-    """``greenopt_export.json``: everything needed to reload, reproduce and re-verify an export."""
+    """``greenopt_export.json``: everything needed to reload, reproduce and re-verify an export.
+
+    ``loader`` says what reads the folder back: ``transformers`` (``from_pretrained``), ``greenopt``
+    (``greenopt.load``) or ``onnxruntime-genai`` (the runtime's ONNX artifact, ``og.Model(DIR)``).
+    ``dtype`` is the dtype the baseline is loaded in; the variant's ``deploy`` carries the measured
+    runtime and its dtype. ``weights_sha256`` covers the loader's weight files (the safetensors'
+    tensors, or ``model.onnx`` and its external data).
+    """
 
     format_version: Literal[1] = 1
     greenopt_version: str
@@ -67,7 +74,7 @@ class ExportManifest(Record):
     variant: Variant
     variant_name: str
     variant_info: VariantInfo
-    loader: Literal["transformers", "greenopt"]
+    loader: Literal["transformers", "greenopt", "onnxruntime-genai"]
     loader_reason: str
     dtype: str
     protocol: Protocol | None

@@ -54,6 +54,10 @@ class Runtime(abc.ABC):
     def describe(self) -> RuntimeDescription:
         """Name, version, dtype, device, threads and the kernels its weights go through."""
 
+    def weight_bytes(self) -> int | None:
+        """Bytes its weights take as deployed (None: unknown)."""
+        return None
+
     @abc.abstractmethod
     def export(self, out: Path) -> tuple[str, ...]:
         """Writes the runtime's artifact into the existing, empty folder ``out``; returns the files written."""

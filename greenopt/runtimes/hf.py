@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from greenopt.compress import accounting
 from greenopt.records import RuntimeDescription
 from greenopt.runtimes.base import Runtime
 
@@ -59,6 +60,9 @@ class TransformersRuntime(Runtime):
             device=self.device, threads=torch.get_num_threads() if self.device == "cpu" else None,
             kernels=weight_kernels(self.module), options={"attention": attention},
             libraries={"torch": version("torch")})
+
+    def weight_bytes(self) -> int | None:
+        return accounting.weight_bytes(self.module)
 
     def export(self, out: Path) -> tuple[str, ...]:
         """Writes a plain ``save_pretrained`` checkpoint; greenopt's own export (with low-bit modules

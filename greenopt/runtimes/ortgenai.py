@@ -139,6 +139,10 @@ class OrtGenAIRuntime(Runtime):
             threads=torch.get_num_threads() if self.device == "cpu" else None, kernels=self.kernels,
             options=options, libraries={"onnxruntime": version("onnxruntime")})
 
+    def weight_bytes(self) -> int | None:
+        """The ONNX graph and its external data, as built."""
+        return sum(p.stat().st_size for p in self.folder.glob("model.onnx*"))
+
     def export(self, out: Path) -> tuple[str, ...]:
         """Copies the built model: ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` and the
         tokenizer files, as ``og.Model(out)`` loads them."""

@@ -20,7 +20,13 @@ Which loader reads it back:
   per-layer widths, mixed bitsandbytes kinds) has no transformers loader: the weights go to
   ``greenopt-model.safetensors`` (so a plain ``from_pretrained`` fails loudly instead of
   loading the wrong model) with ``greenopt_modules.json``, and ``greenopt.load(DIR)`` rebuilds
-  the model. The reason is written into the manifest and the README.
+  the model. The reason is written into the manifest and the README;
+- a variant deployed on ONNX Runtime GenAI ships the runtime's own artifact (``model.onnx``, its
+  ``.data``, ``genai_config.json``, tokenizer files and the build record), which
+  ``onnxruntime_genai.Model(DIR)`` loads: the model that was measured, not a checkpoint to rebuild it from.
+
+A transformers deployment in another dtype (``deploy.dtype: bfloat16``) is written in that dtype:
+the weights are the measured ones; the manifest's ``dtype`` is the baseline's.
 
 Example:
     >>> from greenopt.ship.exporter import export, load
@@ -67,6 +73,7 @@ from greenopt.records import (
     LabelCard,
     VariantInfo,
 )
+from greenopt.runtimes import Runtime, load_artifact, realise
 from greenopt.ship.readme import write_readme
 
 log = logging.getLogger(__name__)
@@ -96,46 +103,59 @@ class ExportProvenance(LabelSpec):
 
 def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: LabelCard | None,
            out_dir: str | Path, force: bool = False, *, provenance: ExportProvenance | None = None,
-           check_reload: bool = False) -> ExportManifest:
-    """Writes ``model`` (with ``variant`` applied) as a self-describing checkpoint folder.
+           check_reload: bool = False, runtime: Runtime | None = None) -> ExportManifest:
+    """Writes ``model`` (with ``variant`` applied) as a self-describing folder, on the variant's runtime.
+
+    A transformers deployment writes a checkpoint of ``model`` as it is (cast to the deploy's
+    dtype beforehand, as measured); another runtime writes its built artifact.
 
     Args:
         model: the compressed in-memory causal LM (not modified).
         tokenizer: its tokenizer, saved beside the weights.
-        variant: the variant that produced ``model`` from the base model.
+        variant: the variant that produced ``model`` from the base model, with its deploy.
         card: the variant's label card, or None when it has not been measured (``apply``).
         out_dir: the folder to create.
         force: replace an existing greenopt export at ``out_dir``.
         provenance: base model, protocol, tasks, schemes and seeds for the manifest
             (default: taken from the card where possible).
-        check_reload: reload the written folder and compare its logits with ``model``'s
-            before putting it in place.
+        check_reload: reload the written folder and compare its logits with ``model``'s (or
+            the runtime's) before putting it in place.
+        runtime: the runtime ``model`` was realised on for ``variant.deploy`` (default: realised
+            here; only a runtime other than transformers writes its artifact).
 
     Returns:
         The manifest written as ``greenopt_export.json``.
 
     Raises:
-        ConfigError: ``out_dir`` exists (without ``force``, or not a greenopt export), or the
-            model holds a module greenopt cannot serialize (checked before writing).
+        ConfigError: ``out_dir`` exists (without ``force``, or not a greenopt export), the model
+            holds a module greenopt cannot serialize, its dtype is not the deploy's, or the runtime
+            is not the deploy's (all checked before writing).
     """
     out = Path(out_dir)
     if out.parent.is_dir():
         clean_stale(out)
     check_target(out, force)
-    plan = em.plan_weights(model)
+    artifact = _artifact_runtime(model, tokenizer, variant, runtime)
+    plan = em.plan_weights(model) if artifact is None else None
     prov = provenance or ExportProvenance(base_model=card.model_id if card else "unknown")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _hidden_folder(out, "staging")
     try:
-        em.write_weights(model, plan, tmp)
-        tokenizer.save_pretrained(tmp)
-        manifest = _manifest(model, variant, card, prov, plan, tmp)
+        if artifact is None:
+            em.write_weights(model, plan, tmp)
+            tokenizer.save_pretrained(tmp)
+            loader = (plan.loader, plan.reason, plan.notes)
+        else:
+            loader = _write_artifact(artifact, tmp)
+        manifest = _manifest(model, variant, card, prov, loader, tmp)
         if card is not None:
             write_card(card, tmp)
         write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
         write_readme(tmp, card, manifest)
-        if check_reload:
+        if check_reload and artifact is None:
             _check_reload(model, tmp)
+        elif check_reload:
+            _check_artifact_reload(artifact, variant, tmp)
         _open_up(tmp)
         _swap_into_place(tmp, out)
     except BaseException as e:
@@ -146,6 +166,37 @@ def export(model: torch.nn.Module, tokenizer: Any, variant: Variant, card: Label
         raise
     log.info("exported %s (%s loader) to %s", manifest.variant_name, manifest.loader, out)
     return manifest
+
+
+def _artifact_runtime(model: torch.nn.Module, tokenizer: Any, variant: Variant,
+                      runtime: Runtime | None) -> Runtime | None:
+    """The runtime whose artifact the export ships (None: a transformers checkpoint of ``model``)."""
+    deploy = variant.deploy
+    if runtime is not None and runtime.name != deploy.runtime:
+        raise ConfigError(f"export got a {runtime.name} runtime for a variant deployed on {deploy.runtime}; "
+                          "pass the runtime the variant was realised on")
+    if deploy.runtime != "transformers":
+        return runtime or realise(model, tokenizer, deploy, steps=variant.steps)
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    if deploy.dtype != "auto" and deploy.dtype not in dtypes:
+        raise ConfigError(f"the model is {'/'.join(sorted(dtypes))} but the variant deploys {deploy.dtype}; cast it "
+                          "with greenopt.runtimes.cast(model, variant.deploy) before applying the steps, as measured")
+    return None
+
+
+def _write_artifact(runtime: Runtime, folder: Path) -> tuple[str, str, tuple[str, ...]]:
+    """Writes the runtime's artifact and the build record that reloads it; returns (loader, reason, notes)."""
+    from greenopt.runtimes.ortgenai import BUILD_FILE, OrtGenAIRuntime  # lazy: onnxruntime-genai
+
+    if not isinstance(runtime, OrtGenAIRuntime):
+        raise ConfigError(f"greenopt cannot export a {runtime.name} artifact yet; deploy on transformers "
+                          "or onnxruntime-genai")
+    names = runtime.export(folder)
+    shutil.copy2(runtime.folder / BUILD_FILE, folder / BUILD_FILE)  # what OrtGenAIRuntime(DIR) reads back
+    d = runtime.describe()
+    reason = (f"an ONNX Runtime GenAI model ({d.dtype}; {', '.join(d.kernels) or 'no weight kernels found'}), "
+              "not a transformers checkpoint")
+    return runtime.name, reason, (f"artifact files: {', '.join(names)}",)
 
 
 def _write_failure(e: BaseException) -> str | None:
@@ -263,16 +314,26 @@ def _libraries() -> dict[str, str]:
     return {"python": platform.python_version(), "greenopt": __version__, **library_versions()}
 
 
-def files_sha256(folder: str | Path) -> str:
-    """SHA-256 over the tensors of every ``*.safetensors`` file in ``folder``.
+#: The files ``weights_sha256`` covers, per loader.
+WEIGHT_FILES = {"transformers": ("*.safetensors",), "greenopt": ("*.safetensors",),
+                "onnxruntime-genai": ("*.onnx", "*.onnx.data")}
 
-    Hashes file name, tensor name, dtype, shape and bytes in sorted order; the files' JSON
-    headers are left out (safetensors writes their metadata in no fixed order).
+
+def files_sha256(folder: str | Path, loader: str = "transformers") -> str:
+    """SHA-256 over the weight files of an export folder, for its loader (:data:`WEIGHT_FILES`).
+
+    Checkpoints: the tensors of every ``*.safetensors`` file, hashing file name, tensor name,
+    dtype, shape and bytes in sorted order; the files' JSON headers are left out (safetensors
+    writes their metadata in no fixed order). ONNX Runtime GenAI: the name and bytes of
+    ``model.onnx`` and its external data, in sorted order.
     """
+    folder = Path(folder)
+    if loader == "onnxruntime-genai":
+        return _raw_sha256(sorted({p for pattern in WEIGHT_FILES[loader] for p in folder.glob(pattern)}))
     from safetensors import safe_open
 
     h = hashlib.sha256()
-    for p in sorted(Path(folder).glob("*.safetensors")):
+    for p in sorted(folder.glob("*.safetensors")):
         h.update(p.name.encode() + b"\0")
         with safe_open(str(p), framework="pt") as f:
             for key in sorted(f.keys()):
@@ -282,8 +343,18 @@ def files_sha256(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def _raw_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _manifest(model, variant: Variant, card: LabelCard | None, prov: ExportProvenance,
-              plan: em.WeightsPlan, folder: Path) -> ExportManifest:
+              loader: tuple[str, str, tuple[str, ...]], folder: Path) -> ExportManifest:
     name = variant.name or (card.variant.name if card else None) or ("baseline" if variant.is_baseline
                                                                    else variant.hash)
     if card is not None:
@@ -296,19 +367,20 @@ def _manifest(model, variant: Variant, card: LabelCard | None, prov: ExportProve
                            params_after=rep.params_after if rep else None,
                            weight_bytes_before=rep.weight_bytes_before if rep else None,
                            weight_bytes_after=rep.weight_bytes_after if rep else None)
+    kind, reason, notes = loader
     dtype = prov.dtype or str(next(model.parameters()).dtype).replace("torch.", "")
     seeds = {"calibration": prov.calib.seed, **({"protocol": prov.protocol.seed} if prov.protocol else {}),
              **({"eval": prov.eval.seed} if prov.eval else {}), **prov.seeds}
     return ExportManifest(
         greenopt_version=__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         base_model=prov.base_model, base_model_id=prov.base_model_id or (card.model_id if card else prov.base_model),
-        variant=variant, variant_name=name, variant_info=info, loader=plan.loader, loader_reason=plan.reason,
+        variant=variant, variant_name=name, variant_info=info, loader=kind, loader_reason=reason,
         dtype=dtype, protocol=prov.protocol, card_protocol_id=card.protocol_id if card else None,
         eval=prov.eval, relative_scheme=_scheme_ref(folder, card, "relative", prov.relative_scheme),
         absolute_scheme=_scheme_ref(folder, card, "absolute", prov.absolute_scheme),
         intensity_g_per_kwh=card.carbon.intensity_g_per_kwh if card else prov.intensity_g_per_kwh,
-        calib=prov.calib, seeds=seeds, libraries=_libraries(), weights_sha256=files_sha256(folder),
-        apply_report=prov.apply_report, gate=prov.gate, source=prov.source, notes=plan.notes,
+        calib=prov.calib, seeds=seeds, libraries=_libraries(), weights_sha256=files_sha256(folder, kind),
+        apply_report=prov.apply_report, gate=prov.gate, source=prov.source, notes=notes,
     )
 
 
@@ -333,6 +405,15 @@ def _check_reload(model: torch.nn.Module, folder: Path) -> None:
     if not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
         raise ConfigError(f"export self-check failed: reloaded logits differ by {float((want - got).abs().max()):.3g}; "
                           "nothing was written")
+
+
+def _check_artifact_reload(runtime: Runtime, variant: Variant, folder: Path) -> None:
+    probe = torch.arange(1, 17).unsqueeze(0)
+    want = runtime.logits(probe)
+    got = load_artifact(folder, variant.deploy, runtime.device).logits(probe)
+    if not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+        raise ConfigError(f"export self-check failed: the written {runtime.name} artifact's logits differ by "
+                          f"{float((want - got).abs().max()):.3g}; nothing was written")
 
 
 # ---------------------------------------------------------------------------- load

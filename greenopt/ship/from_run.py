@@ -12,13 +12,14 @@ import optuna
 import sqlalchemy.exc
 
 from greenopt.compress import apply
-from greenopt.config import SearchSpec, load_yaml, protocol_preset, validated
+from greenopt.config import SearchSpec, Variant, load_yaml, protocol_preset, validated
 from greenopt.config.recipe import Gate
 from greenopt.errors import ConfigError
 from greenopt.label import goal, load_scheme
 from greenopt.label.card import build_card, current_runtime
 from greenopt.models import load_model
 from greenopt.records import ExportManifest, TrialRecord
+from greenopt.runtimes import Runtime, TransformersRuntime, cast, realise
 from greenopt.search import pareto, records
 from greenopt.search import storage as study_storage
 from greenopt.search.rundir import RunDir
@@ -31,10 +32,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
                check_reload: bool = False, device: str = "cpu", progress: Any = None) -> ExportManifest:
     """Exports a trial of a finished search (``runs/NAME/``) with its measured label card.
 
-    The variant is re-applied to the base model named in ``search.yaml`` (moves are seeded, so
-    the weights are those that were measured; the apply report must match the trial's), and
-    the card is built from the trial record's comparison and evaluation beside the baseline
-    trial's.
+    The variant is re-applied to the base model named in ``search.yaml`` as the search applied
+    it (cast to the deploy's dtype, then the seeded moves, so the weights are those that were
+    measured; the apply report must match the trial's) and realised on its runtime: a
+    transformers deployment ships the weights in the deployed dtype, ONNX Runtime GenAI its built
+    model. The card is built from the trial record's comparison and evaluation beside the
+    baseline trial's, naming both runtimes.
 
     Args:
         run_dir: the search's run folder.
@@ -69,18 +72,23 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
         raise ConfigError(f"{run_dir}: the baseline trial has no evaluation; the card needs its accuracy")
     dtype = spec.dtype if spec.dtype != "auto" else str(_environment(rd).get("dtype") or "float32")
     model, tok, info = load_model(spec.model, dtype=dtype, device=device)
+    baseline_runtime = TransformersRuntime(model, tok).describe()
+    cast(model, rec.variant.deploy)  # as the search did: the steps see the deployment's dtype
     report = apply(model, rec.variant, tokenizer=tok, calib=spec.calib, progress=progress)
     if rec.apply is not None and (report.params_after, report.weight_bytes_after) != (
             rec.apply.params_after, rec.apply.weight_bytes_after):
         raise ConfigError(f"re-applying trial {number} gives {report.weight_bytes_after} weight bytes, the trial had "
                           f"{rec.apply.weight_bytes_after}; the moves or libraries changed since the search")
+    runtime = _deployed(model, tok, rec.variant)
     protocol = protocol_preset(spec.fidelity.protocol)
     relative, absolute = ((spec.scheme, "absolute-go1") if _is_relative(spec.scheme) else ("relative-eu", spec.scheme))
     attention = getattr(model.config, "_attn_implementation", None) or "default"
+    deployed = runtime.describe()
     name = rec.variant.name or f"{spec.run_name}-trial{number}"
     card = build_card(model_id=info.model_id, variant_name=name, variant_hash=rec.variant.hash,
                       comparison=rec.comparison, candidate_eval=rec.eval, baseline_eval=base.eval,
-                      runtime=current_runtime(protocol, attention, dtype), relative_scheme=relative,
+                      runtime=current_runtime(protocol, attention, deployed.dtype).model_copy(
+                          update={"deployed": deployed, "baseline": baseline_runtime}), relative_scheme=relative,
                       absolute_scheme=absolute, apply_report=report, date=rec.started or None)
     gate = Gate(target=spec.target if _is_relative(spec.scheme) else None, max_drop=spec.max_drop)
     prov = ExportProvenance(base_model=spec.model, base_model_id=info.model_id, protocol=protocol,
@@ -88,7 +96,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, pick: str | int = "b
                             calib=spec.calib, seeds={"search": spec.seed}, gate=gate,
                             source=f"{rd.root} trial {number}", apply_report=report, dtype=dtype)
     variant = rec.variant.model_copy(update={"name": name})
-    return export(model, tok, variant, card, out_dir, force, provenance=prov, check_reload=check_reload)
+    return export(model, tok, variant, card, out_dir, force, provenance=prov, check_reload=check_reload,
+                  runtime=runtime)
+
+
+def _deployed(model, tok, variant: Variant) -> Runtime:
+    """The trial's runtime again. Transformers wraps the cast model without the kernel check
+    (writing bf16 weights needs no bf16 kernels here); another runtime builds its artifact."""
+    if variant.deploy.runtime == "transformers":
+        return TransformersRuntime(cast(model, variant.deploy), tok)
+    return realise(model, tok, variant.deploy, steps=variant.steps)
 
 
 def _is_relative(scheme: str) -> bool:

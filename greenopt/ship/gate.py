@@ -35,7 +35,7 @@ from greenopt.config import (
 from greenopt.config.recipe import load_recipe
 from greenopt.errors import ConfigError
 from greenopt.records import TIER_ORDER, GateResult, LabelCard, Record, TaskLine, Tier
-from greenopt.ship.exporter import MANIFEST, files_sha256, load_manifest
+from greenopt.ship.exporter import MANIFEST, WEIGHT_FILES, files_sha256, load_manifest
 
 Progress = Callable[[str, int, int], None]
 _EPS = 1e-12
@@ -206,15 +206,19 @@ class _Plan(Record):
     max_drop: float | None
     require_tier: Tier | None
     allow_estimate: bool = False
-    weights_sha256: str | None = None  # an export's recorded weights, re-hashed before measuring
+    export_dir: str | None = None  # an export folder: its weights are re-hashed before measuring
+    loader: str = "transformers"  # the export's loader, which says which files weights_sha256 covers
+    weights_sha256: str | None = None
 
 
 def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
     """Re-measures and re-evaluates the source, then applies :func:`check_gate`.
 
     An export folder is loaded as shipped (transformers, or ``greenopt.load`` when its
-    manifest says so) and measured against the recorded base model; a recipe's pinned variant
-    is applied to its model in memory. The protocol, tasks, item limit and label schemes are
+    manifest says so, in the baseline's dtype and then cast to the variant's deploy dtype; an
+    ONNX Runtime GenAI export is its artifact, run by that runtime) and measured against the
+    recorded base model on transformers; a recipe's pinned variant is applied to its model in
+    memory. The protocol, tasks, item limit and label schemes are
     the recorded ones unless overridden; a protocol other than the recorded one fails, and so
     does an export whose weights no longer hash to the manifest's ``weights_sha256`` (both
     before anything is measured).
@@ -255,24 +259,26 @@ def _refused(plan: _Plan, reason: str) -> GateResult:
 
 def _weights_changed(plan: _Plan) -> str | None:
     """Why an export's weights are not the exported ones (None: they are, or not an export)."""
-    if plan.weights_sha256 is None:
+    if plan.weights_sha256 is None or plan.export_dir is None:
         return None
-    folder = plan.assess.model
+    folder = plan.export_dir
     try:
-        actual = files_sha256(folder)
+        actual = files_sha256(folder, plan.loader)
     except Exception as e:  # noqa: BLE001 - an unreadable weights file is a changed one
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return f"weights changed since export: the weights in {folder} cannot be read ({first})"
     if actual == plan.weights_sha256:
         return None
-    return (f"weights changed since export: {folder}/*.safetensors sha256 {actual[:16]}… != recorded "
+    names = sorted({p.name for pattern in WEIGHT_FILES[plan.loader] for p in Path(folder).glob(pattern)})
+    files = ", ".join(f"{folder}/{n}" for n in names) or f"{folder}/{' and '.join(WEIGHT_FILES[plan.loader])}"
+    return (f"weights changed since export: {files} sha256 {actual[:16]}… != recorded "
             f"{plan.weights_sha256[:16]}… ({MANIFEST}); re-export the variant or restore the weight files")
 
 
 def _relabel(card: LabelCard, plan: _Plan) -> LabelCard:
     """An export is measured as a plain model; put the recorded model id and variant back on the card."""
 
-    m = load_manifest(plan.assess.model)
+    m = load_manifest(plan.export_dir)
     return card.model_copy(update={"model_id": m.base_model_id, "variant": m.variant_info})
 
 
@@ -321,8 +327,13 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
     if protocol is None:
         raise ConfigError(f"{folder}: the export records no protocol; pass --protocol")
     gate = m.gate
+    base = spec.baseline or m.base_model
+    # The export is the variant's steps applied; re-applying its deploy (dtype on transformers, or
+    # loading the runtime's artifact) puts the candidate back on the runtime it was measured on.
+    sides = (dict(model=base, artifact=str(folder)) if m.loader == "onnxruntime-genai"
+             else dict(model=str(folder), baseline=base))
     run = AssessSpec(
-        model=str(folder), baseline=spec.baseline or m.base_model, variant=Variant(), protocol=protocol,
+        **sides, variant=Variant(deploy=m.variant.deploy), protocol=protocol,
         eval=_eval_spec(m.eval, spec), relative_scheme=_in_export(folder, m.relative_scheme),
         absolute_scheme=_in_export(folder, m.absolute_scheme), intensity_g_per_kwh=m.intensity_g_per_kwh,
         trust_remote_code=False, **_device(spec, {"dtype": m.dtype}))
@@ -332,7 +343,7 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
         max_drop=spec.max_drop if spec.max_drop is not None else (gate.max_drop if gate else None),
         require_tier=spec.require_tier or (gate.require_tier if gate else None),
         allow_estimate=_allow(spec.allow_estimate, gate.allow_estimate if gate else False),
-        weights_sha256=m.weights_sha256,
+        export_dir=str(folder), loader=m.loader, weights_sha256=m.weights_sha256,
     )
 
 

@@ -8,6 +8,7 @@ from greenopt._io import write_text
 from greenopt.records import ExportManifest, LabelCard
 
 README = "README.md"
+ORT = "onnxruntime-genai"
 _BEGIN, _END = "<!-- greenopt:label:begin -->", "<!-- greenopt:label:end -->"
 
 
@@ -23,7 +24,8 @@ def write_readme(folder: str | Path, card: LabelCard | None, manifest: ExportMan
         text = head + section + rest.split(_END, 1)[1]
     else:
         base = manifest.base_model_id if manifest else (card.model_id if card else "unknown")
-        text = (f"---\nlibrary_name: transformers\nbase_model: {base}\ntags:\n- greenopt\n- energy-label\n---\n\n"
+        library = ORT if manifest is not None and manifest.loader == ORT else "transformers"
+        text = (f"---\nlibrary_name: {library}\nbase_model: {base}\ntags:\n- greenopt\n- energy-label\n---\n\n"
                 f"{section}\n")
     write_text(path, text)
     return path
@@ -50,6 +52,8 @@ def render_readme_section(card: LabelCard | None, m: ExportManifest | None) -> s
                 f"- Device: {d.name} ({d.kind}); boundary {d.boundary}; meter {d.meter}",
                 f"- Runtime: torch {r.torch}, transformers {r.transformers}, {r.attention}, {r.dtype}, batch "
                 f"{r.batch_size}, {r.prompt_tokens} prompt + {r.new_tokens} new tokens",
+                *([f"- Deployed on: {r.deployed.line()}"] if r.deployed else []),
+                *([f"- Baseline on: {r.baseline.line()}"] if r.baseline else []),
                 f"- Carbon: {card.carbon.g_per_1k_tokens:.3g} gCO2e per 1000 tokens at "
                 f"{card.carbon.intensity_g_per_kwh:g} g/kWh", "",
                 "| task | metric | variant | baseline | drop | n |", "|---|---|---|---|---|---|"]
@@ -58,8 +62,25 @@ def render_readme_section(card: LabelCard | None, m: ExportManifest | None) -> s
         out += ["", f"Protocol {card.protocol_id}; label card v{card.card_version}; measured {card.date} "
                 f"with greenopt {card.greenopt_version}. Full card: `LABEL.md`, `label.svg`, `label.json`."]
     if m is not None:
-        how = ("`transformers.AutoModelForCausalLM.from_pretrained(DIR)`" if m.loader == "transformers"
-               else "`greenopt.load(DIR)` (transformers cannot load it: " + m.loader_reason + ")")
-        out += ["", f"Load with {how}; tokenizer with `AutoTokenizer.from_pretrained(DIR)`. "
-                f"Exported {m.date} by greenopt {m.greenopt_version}; weights SHA-256 `{m.weights_sha256[:16]}…`."]
+        out += ["", f"{how_to_load(m)} Exported {m.date} by greenopt {m.greenopt_version}; weights SHA-256 "
+                f"`{m.weights_sha256[:16]}…`."]
     return "\n".join(out)
+
+
+def how_to_load(m: ExportManifest) -> str:
+    """Which runtime loads the export and how, in one or two Markdown sentences.
+
+    Args:
+        m: the export's manifest.
+
+    Returns:
+        E.g. ``Load with `greenopt.load(DIR)` (...); tokenizer with `AutoTokenizer.from_pretrained(DIR)`.``
+    """
+    dtype = m.variant.deploy.dtype
+    if m.loader == ORT:
+        return (f"Runs on ONNX Runtime GenAI (`{m.variant.deploy.describe()}`): {m.loader_reason}. Load with "
+                "`import onnxruntime_genai as og; model = og.Model(DIR); tokenizer = og.Tokenizer(model)`.")
+    how = ("`transformers.AutoModelForCausalLM.from_pretrained(DIR)`" if m.loader == "transformers"
+           else "`greenopt.load(DIR)` (transformers cannot load it: " + m.loader_reason + ")")
+    where = f" The weights are {dtype}, as deployed and measured; load them as saved." if dtype != "auto" else ""
+    return f"Load with {how}; tokenizer with `AutoTokenizer.from_pretrained(DIR)`.{where}"
