@@ -243,3 +243,24 @@ def test_measure_runtime_flags_reach_the_card(tiny_dir, tmp_path, capsys, monkey
     assert rc == 0
     card = json.loads(capsys.readouterr().out)["card"]
     assert card["runtime"]["deployed"]["dtype"] == "bfloat16" and card["runtime"]["baseline"]["dtype"] == "float32"
+
+
+def test_recipe_validate_names_the_step_a_runtime_cannot_realise(tmp_path):
+    from greenopt.validate import validate_file
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: {id: default}\nvariant:\n  steps: [{kind: quantize, method: rtn, bits: 4}]\n"
+                   "  deploy: {runtime: onnxruntime-genai, weights: int4}\n")
+    report = validate_file(bad, dry_run=False)
+    assert [i.path for i in report.issues] == ["variant.deploy"]
+    assert "cannot realise a quantize step" in report.issues[0].message
+
+
+def test_recipe_validate_says_what_a_searched_runtime_does_not_sample(tmp_path):
+    from greenopt.validate import validate_file
+
+    r = tmp_path / "s.yaml"
+    r.write_text("model: {id: default}\nsearch:\n  target: A\n  space: {runtimes: [onnxruntime-genai]}\n")
+    report = validate_file(r, dry_run=False)
+    assert not report.issues
+    assert any("quantize and MoE moves are not sampled" in n for n in report.notes)

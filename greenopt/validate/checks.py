@@ -22,6 +22,7 @@ from greenopt.evaluate import validate_tasks
 from greenopt.label import load_scheme
 from greenopt.models import DEFAULT_MODEL_ID, resolve
 from greenopt.records import Issue
+from greenopt.runtimes import unrealisable
 from greenopt.search import space as sp
 
 # search dimension name (greenopt.search.space) -> the SpaceSpec field it comes from; first prefix wins
@@ -49,18 +50,33 @@ def cross_field_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
             f"measurement.meter 'estimate' gives tier E1 but the gate requires {r.gate.require_tier}; "
             "use meter auto, nvml or rapl, or require E1")))
     _task_issues(r, issues)
+    deploy_notes: list[str] = []
     if r.variant is not None:
         for i, step in enumerate(r.variant.steps):
             if isinstance(step, QuantizeStep):
                 issues += _quant_issues(f"variant.steps.{i}", step)
+        issues += _deploy_issues(r.variant, deploy_notes)
     if r.search is not None:
         issues += _space_issues(r.search.space)
+        deploy_notes += sp.not_sampled(r.search.space)
     cfg, notes, model_issues = model_config(r.model)
-    notes = scheme_notes + notes
+    notes = scheme_notes + deploy_notes + notes
     issues += model_issues
     if not issues and cfg is not None:
         issues += _architecture_issues(r, cfg)
     return issues, notes
+
+
+def _deploy_issues(variant: Variant, notes: list[str]) -> list[Issue]:
+    """A step the variant's runtime cannot realise is an issue; what this machine lacks is a note
+    (the recipe may be meant for another machine)."""
+    reason = unrealisable(variant.deploy, variant.steps, "cuda")  # the steps alone, whatever the device
+    if reason:
+        return [Issue(path="variant.deploy", message=reason)]
+    here = unrealisable(variant.deploy, variant.steps, "cpu")
+    if here:
+        notes.append(f"variant.deploy: on this machine's CPU: {here}")
+    return []
 
 
 def _scheme_and_target_issues(r: Recipe, issues: list[Issue]) -> list[str]:
