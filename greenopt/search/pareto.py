@@ -232,4 +232,9 @@ def describe(variant: Variant) -> str:
             else:
                 bits = sorted({s.bits} | {o.bits for o in s.overrides if o.bits}, reverse=True)
                 out.append(f"{s.method} " + "/".join(f"q{b}" if b != 16 else "16" for b in bits))
+        elif s.kind == "heal":
+            out.append(f"heal {s.steps}")
+    d = variant.deploy
+    if not d.is_reference:  # the runtime last: "drop 3 · onnxruntime-genai int4 b32 acc4", "rtn q4 · bfloat16"
+        out.append(d.describe().removeprefix("transformers "))
     return " · ".join(out)
