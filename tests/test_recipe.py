@@ -92,7 +92,8 @@ def test_search_spec_sets_every_field():
     spec = r.search_spec()
     assert set(SearchSpec.model_fields) - {"version"} <= spec.model_fields_set
     assert (spec.model, spec.target, spec.scheme, spec.fidelity.protocol) == ("default", "A", "relative-eu", "cpu")
-    assert spec.fidelity.eval.tasks == ("arc_easy", "piqa") and spec.space.methods == ("bnb_nf4",)
+    assert spec.fidelity.eval.tasks == ("arc_easy", "piqa") and spec.space.methods == ("bnb_nf4", "rtn")
+    assert spec.space.dtypes == ("bfloat16",) and spec.space.runtimes == ("onnxruntime-genai",)
     assert spec.name == "cpu-demo" and spec.calib == r.calibration
 
 

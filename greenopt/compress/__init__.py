@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from dataclasses import dataclass
@@ -36,15 +37,23 @@ HANDLERS: dict[str, str] = {
     "depth": "greenopt.compress.depth",
     "moefy": "greenopt.compress.moefy",
     "expert_prune": "greenopt.compress.experts",
+    "heal": "greenopt.compress.heal",
 }
 
 
 @dataclass
 class ApplyContext:
-    """What steps share: the tokenizer and the calibration sample spec."""
+    """What steps share: the tokenizer and the calibration sample spec.
+
+    While one variant is checked or applied, ``earlier`` holds the kinds of its steps before
+    the current one, and (during ``apply`` of a variant with a heal step) ``teacher`` holds a
+    frozen copy of the model as it was before the variant's first step.
+    """
 
     tokenizer: object = None
     calib: CalibSpec = CalibSpec()
+    earlier: tuple[str, ...] = ()
+    teacher: torch.nn.Module | None = None
 
     def calibration(self) -> torch.LongTensor:
         if self.tokenizer is None:
@@ -60,8 +69,12 @@ def handler(kind: str):
 def check(model: torch.nn.Module, variant: Variant, ctx: ApplyContext | None = None) -> None:
     """Checks every step against the model before any work; raises MoveError on the first bad one."""
     ctx = ctx or ApplyContext()
-    for step in variant.steps:
-        handler(step.kind).check(model, step, ctx)
+    try:
+        for i, step in enumerate(variant.steps):
+            ctx.earlier = tuple(s.kind for s in variant.steps[:i])
+            handler(step.kind).check(model, step, ctx)
+    finally:
+        ctx.earlier = ()
 
 
 def apply(model: torch.nn.Module, variant: Variant, *, tokenizer=None, calib: CalibSpec | None = None,
@@ -72,7 +85,7 @@ def apply(model: torch.nn.Module, variant: Variant, *, tokenizer=None, calib: Ca
     Args:
         model: a transformers causal LM (modified in place).
         variant: the ordered steps; the empty variant changes nothing.
-        tokenizer: needed by calibrated moves (GPTQ, Wanda, width, depth, MoE).
+        tokenizer: needed by calibrated moves (GPTQ, Wanda, width, depth, MoE, heal).
         calib: calibration sample spec (default: 32 x 128 tokens, seed 0).
         ctx: reuse a context (and its cache) across variants.
         progress: ``progress(stage, done, total)`` callback.
@@ -87,11 +100,17 @@ def apply(model: torch.nn.Module, variant: Variant, *, tokenizer=None, calib: Ca
     check(model, variant, ctx)
     before = (accounting.param_count(model), accounting.weight_bytes(model), accounting.flops_per_token(model))
     reports: list[StepReport] = []
-    for i, step in enumerate(variant.steps):
-        if progress:
-            progress(f"apply {step.kind}", i, len(variant.steps))
-        log.info("applying step %d/%d: %s", i + 1, len(variant.steps), step.kind)
-        reports.append(handler(step.kind).apply(model, step, ctx))
+    try:
+        if any(s.kind == "heal" for s in variant.steps):
+            ctx.teacher = _frozen_copy(model)
+        for i, step in enumerate(variant.steps):
+            if progress:
+                progress(f"apply {step.kind}", i, len(variant.steps))
+            log.info("applying step %d/%d: %s", i + 1, len(variant.steps), step.kind)
+            ctx.earlier = tuple(s.kind for s in variant.steps[:i])
+            reports.append(handler(step.kind).apply(model, step, ctx))
+    finally:
+        ctx.earlier, ctx.teacher = (), None
     if progress:
         progress("apply", len(variant.steps), len(variant.steps))
     return ApplyReport(
@@ -102,6 +121,13 @@ def apply(model: torch.nn.Module, variant: Variant, *, tokenizer=None, calib: Ca
         flops_per_token_before=before[2], flops_per_token_after=accounting.flops_per_token(model),
         fast_kernel=accounting.fast_kernel(model),
     )
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def step_report(kind: str, summary: str, model: torch.nn.Module, before: tuple[int, int], modules: int,

@@ -39,6 +39,7 @@ from greenopt.config.variant import (
     Deploy,
     DepthStep,
     ExpertPruneStep,
+    HealStep,
     MoefyStep,
     PruneStep,
     QuantizeStep,
@@ -55,7 +56,7 @@ from greenopt.config.variant import (
 
 __all__ = [
     "PROTOCOL_PRESETS", "RUNTIME_EXTRAS", "Deploy", "RuntimeName", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
-    "ExpertPruneStep", "FidelitySpec", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
+    "ExpertPruneStep", "FidelitySpec", "HealStep", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
     "MoefyStep", "Protocol", "ProtocolRef", "PruneStep", "PrunePattern", "QuantMethod", "QuantOverride",
     "QuantizeStep", "RuntimeSpec", "SearchSpec", "SpaceBits", "SpaceSpec", "Step", "Strict", "Target", "Tier",
     "Variant", "WidthStep", "as_protocol", "downgrade", "dump_yaml", "load_json", "load_variant", "load_yaml",

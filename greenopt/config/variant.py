@@ -127,8 +127,29 @@ class ExpertPruneStep(Strict):
     top_k: int | None = Field(None, ge=1)
 
 
+class HealStep(Strict):
+    """Logit distillation from the model as it was before the variant's first step.
+
+    Trains the remaining float parameters (``mode: full``) to match the teacher's next-token
+    distributions on calibration text, for ``steps`` optimizer steps or ``max_seconds`` of
+    training, whichever comes first. Put it after the structural moves and before any
+    quantize step (heal, then quantize).
+    """
+
+    kind: Literal["heal"] = "heal"
+    steps: int = Field(100, ge=1)
+    max_seconds: float = Field(120.0, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch: int = Field(8, ge=1)  # calibration windows per optimizer step
+    seq_len: int = Field(256, ge=8)
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 0
+    mode: Literal["full"] = "full"
+    heldout_rows: int = Field(16, ge=1)  # held-out calibration windows that measure KL before and after
+
+
 Step = Annotated[
-    QuantizeStep | PruneStep | WidthStep | DepthStep | MoefyStep | ExpertPruneStep,
+    QuantizeStep | PruneStep | WidthStep | DepthStep | MoefyStep | ExpertPruneStep | HealStep,
     Field(discriminator="kind"),
 ]
 

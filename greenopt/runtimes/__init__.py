@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from greenopt.config import RUNTIME_EXTRAS, Deploy, DepthStep, PruneStep, Step, WidthStep
+from greenopt.config import RUNTIME_EXTRAS, Deploy, DepthStep, HealStep, PruneStep, Step, WidthStep
 from greenopt.env import cpu_has_bf16, cpu_has_fp16
 from greenopt.errors import ConfigError
 from greenopt.runtimes.base import Runtime
@@ -47,8 +47,8 @@ RUNTIMES: dict[str, str] = {
 }
 
 # Steps whose result is an ordinary dense checkpoint of the same architecture (fewer layers,
-# narrower FFNs, zeroed weights), which an exporter/builder outside torch can read.
-_PLAIN_CHECKPOINT_STEPS = (DepthStep, WidthStep, PruneStep)
+# narrower FFNs, zeroed or retrained weights), which an exporter/builder outside torch can read.
+_PLAIN_CHECKPOINT_STEPS = (DepthStep, WidthStep, PruneStep, HealStep)
 
 
 def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
@@ -62,7 +62,8 @@ def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
         for step in steps:
             if not isinstance(step, _PLAIN_CHECKPOINT_STEPS):
                 return (f"{deploy.runtime} cannot realise a {step.kind} step (it reads ordinary checkpoints: "
-                        f"depth, width and prune steps); use its own weights: int4/int8, or runtime: transformers")
+                        "depth, width, prune and heal steps); use its own weights: int4/int8, "
+                        "or runtime: transformers")
         if deploy.dtype not in ("auto", "float32") and not str(device).startswith("cuda"):
             return f"{deploy.runtime} on CPU runs float32 (with int4/int8 weights); dtype {deploy.dtype} is for CUDA"
         return None
