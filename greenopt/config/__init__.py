@@ -13,7 +13,7 @@ Example:
 """
 
 from greenopt.config._base import Strict, dump_yaml, load_json, load_yaml, validated
-from greenopt.config.evaluation import CalibSpec, EvalSpec
+from greenopt.config.evaluation import CalibSpec, EvalSpec, KLSpec
 from greenopt.config.label import LabelClass, LabelScheme, Metric
 from greenopt.config.protocol import (
     PROTOCOL_PRESETS,
@@ -56,7 +56,7 @@ from greenopt.config.variant import (
 
 __all__ = [
     "PROTOCOL_PRESETS", "RUNTIME_EXTRAS", "Deploy", "RuntimeName", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
-    "ExpertPruneStep", "FidelitySpec", "HealStep", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
+    "ExpertPruneStep", "FidelitySpec", "HealStep", "KLSpec", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
     "MoefyStep", "Protocol", "ProtocolRef", "PruneStep", "PrunePattern", "QuantMethod", "QuantOverride",
     "QuantizeStep", "RuntimeSpec", "SearchSpec", "SpaceBits", "SpaceSpec", "Step", "Strict", "Target", "Tier",
     "Variant", "WidthStep", "as_protocol", "downgrade", "dump_yaml", "load_json", "load_variant", "load_yaml",

@@ -26,3 +26,19 @@ class CalibSpec(Strict):
     samples: int = Field(32, ge=1)
     seq_len: int = Field(128, ge=8)
     seed: int = 0
+
+
+class KLSpec(Strict):
+    """The KL fidelity look: fixed windows of held-aside text, scored against the baseline's top-k.
+
+    ``windows`` windows of ``tokens`` tokens each are read from the Wikipedia ``perplexity``
+    split (disjoint from calibration text, workload prompts and evaluation items), drawn with
+    ``seed`` (None: spread evenly). The baseline keeps its ``top_k`` most likely next tokens at
+    every position plus the mass of the rest (:mod:`greenopt.evaluate.fidelity`).
+    """
+
+    version: Literal[1] = 1
+    windows: int = Field(32, ge=1, le=4096)
+    tokens: int = Field(128, ge=2, le=8192)
+    top_k: int = Field(64, ge=1, le=65536)
+    seed: int | None = Field(0, ge=0)

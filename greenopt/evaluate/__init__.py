@@ -79,7 +79,8 @@ def validate_tasks(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress | None = None) -> EvalResult:
+def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress | None = None,
+             keep_items: bool = False) -> EvalResult:
     """Scores an in-memory causal LM on the tasks of ``spec`` with lm-eval.
 
     The model is evaluated where it is (its own device and dtype) and is not modified:
@@ -102,6 +103,9 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
             and few-shot count. Whole-document perplexity tasks run at batch size 1.
         progress: optional ``progress(task, done, total)`` callback, called before and
             after each task with the number of tasks done.
+        keep_items: also keep each task's per-item values (``TaskScore.items``, ordered by doc
+            id) for paired comparisons (:func:`greenopt.evaluate.fidelity.paired_difference`);
+            not for corpus-level perplexities. Off: the scores carry ``items=None``.
 
     Returns:
         One :class:`TaskScore` per task (per subtask for hub groups), in ``spec.tasks`` order.
@@ -128,7 +132,7 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
             if batch not in lms:
                 lms[batch] = _wrap(model, tokenizer, batch)
             for lm_name, task in tasks.items():
-                scores.append(_run(lms[batch], name, lm_name, task, spec))
+                scores.append(_run(lms[batch], name, lm_name, task, spec, keep_items))
             if progress:
                 progress(name, i + 1, len(names))
     return EvalResult(scores=tuple(scores), limit=spec.limit, seed=spec.seed)
@@ -150,7 +154,7 @@ def seeded_subset(n_items: int, limit: int | None, seed: int, task: str) -> list
 # ---------------------------------------------------------------------------- internals
 
 
-def _run(lm: Any, name: str, lm_name: str, task: Any, spec: EvalSpec) -> TaskScore:
+def _run(lm: Any, name: str, lm_name: str, task: Any, spec: EvalSpec, keep_items: bool = False) -> TaskScore:
     from lm_eval import evaluator
 
     task.set_config(key="num_fewshot", value=spec.num_fewshot)
@@ -169,10 +173,13 @@ def _run(lm: Any, name: str, lm_name: str, task: Any, spec: EvalSpec) -> TaskSco
     # A metric is reported per filter ("acc,none"); take the task's first filter.
     key = next(k for k in res["results"][lm_name] if k.startswith(f"{metric},"))
     items = [s for s in res["samples"][lm_name] if s["filter"] == key.split(",", 1)[1]]
+    stderr = _stderr(task, metric, [s[metric] for s in items])
+    kept = None
+    if keep_items and _per_item(task, metric):
+        kept = tuple(float(s[metric]) for s in sorted(items, key=lambda s: s["doc_id"]))
     return TaskScore(task=name if name == lm_name or name in OFFLINE_TASKS else lm_name,
-                     metric=metric, value=float(res["results"][lm_name][key]),
-                     stderr=_stderr(task, metric, [s[metric] for s in items]),
-                     n=len(items), higher_is_better=higher)
+                     metric=metric, value=float(res["results"][lm_name][key]), stderr=stderr,
+                     n=len(items), higher_is_better=higher, items=kept)
 
 
 def _primary_metric(name: str, task: Any) -> tuple[str, bool]:
@@ -184,10 +191,17 @@ def _primary_metric(name: str, task: Any) -> tuple[str, bool]:
     return metric, bool(higher[metric])
 
 
-def _stderr(task: Any, metric: str, values: list[Any]) -> float | None:
-    from lm_eval.api.metrics import mean, mean_stderr
+def _per_item(task: Any, metric: str) -> bool:
+    """True when the metric is a mean of one value per item (accuracies), not a corpus-level figure."""
+    from lm_eval.api.metrics import mean
 
-    if task.aggregation().get(metric) is not mean or len(values) < 2:
+    return task.aggregation().get(metric) is mean
+
+
+def _stderr(task: Any, metric: str, values: list[Any]) -> float | None:
+    from lm_eval.api.metrics import mean_stderr
+
+    if not _per_item(task, metric) or len(values) < 2:
         return None  # perplexities aggregate over the whole corpus: no closed form
     return float(mean_stderr([float(v) for v in values]))
 

@@ -28,7 +28,9 @@ from greenopt.records.measure import (
     DeviceInfo,
     EnergyMeasurement,
     EvalResult,
+    KLLook,
     NoiseFloor,
+    PairedDifference,
     StepReport,
     TaskScore,
     TrialFigures,
@@ -55,8 +57,8 @@ from greenopt.records.ship import (
 
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
-    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "KernelProbe", "KernelTiming", "LabelCard",
-    "ModelInfo", "NoiseFloor", "QuickLook", "Record", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
+    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "KernelProbe", "KernelTiming", "KLLook", "LabelCard",
+    "ModelInfo", "NoiseFloor", "PairedDifference", "QuickLook", "Record", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",
 ]

@@ -125,6 +125,7 @@ class TaskScore(Record):
     stderr: float | None = None
     n: int
     higher_is_better: bool = True
+    items: tuple[float, ...] | None = None  # per-item values ordered by doc id, when kept (evaluate(keep_items=True))
 
 
 class EvalResult(Record):
@@ -203,3 +204,37 @@ class NoiseFloor(Record):
     @property
     def source(self) -> str:
         return f"calibrated {self.created[:10]}, {len(self.eeis)} A/A comparisons"
+
+
+class KLLook(Record):
+    """The KL fidelity look: a variant's next-token distribution against the baseline's.
+
+    ``kl_nats_per_token`` is the mean over ``tokens`` positions of KL(baseline || candidate)
+    on the coarsened distribution (the baseline's ``top_k`` tokens plus one bucket pooling the
+    rest of each side's mass): a lower bound of the full-vocabulary KL, close to it when the
+    top-k hold most of the mass. ``window_kl_max_nats_per_token`` is the worst window's mean,
+    ``position_kl_p99_nats`` the 99th percentile over positions. ``reference_key`` names the
+    cached baseline reference it was scored against.
+    """
+
+    kl_nats_per_token: float
+    window_kl_max_nats_per_token: float
+    position_kl_p99_nats: float
+    tokens: int
+    windows: int
+    top_k: int
+    duration_s: float
+    reference_key: str
+
+
+class PairedDifference(Record):
+    """Candidate minus baseline over the same ``n`` items, with the paired standard error.
+
+    ``stderr`` is sd(d_i) / sqrt(n) over the per-item differences d_i (sample sd, ddof=1);
+    ``z = diff / stderr`` (0 when both are 0, +-inf when only the spread is 0).
+    """
+
+    diff: float
+    stderr: float
+    z: float
+    n: int
