@@ -45,9 +45,16 @@ def test_probe_runs_for_real_in_a_fraction_of_a_second():
     assert p.duration_s < 5
 
 
+def test_bf16_is_kept_for_a_fast_low_bit_kernel_even_when_its_matmul_is_slow():
+    int4 = next(n for n in (t.name for t in probe_kernels(bench=fixed({})).timings) if n.startswith("int4"))
+    probe = probe_kernels(bench=fixed({BF16: 1.8, int4: 0.7}))
+    assert fast_dtypes(probe, ("bfloat16",)) == (("bfloat16",), {})
+
+
 def test_fast_dtypes_keeps_fast_paths_and_says_why_not():
     fast = probe_kernels(bench=fixed({BF16: 0.5}))
-    slow = probe_kernels(bench=fixed({BF16: FAST_RATIO + 0.2}))
+    slow = probe_kernels(bench=fixed({BF16: FAST_RATIO + 0.2, "int8 weight-only (_weight_int8pack_mm, bf16 activations)": 1.2,
+                                      "int4 weight-only (_weight_int4pack_mm_for_cpu, group 32, bf16 activations)": 1.1}))
     assert fast_dtypes(fast, ("float32", "bfloat16")) == (("float32", "bfloat16"), {})
     kept, why = fast_dtypes(slow, ("bfloat16",))
     assert kept == () and "1.10x fp32's time" in why["bfloat16"]
@@ -86,7 +93,9 @@ def test_a_cpu_with_fast_bf16_keeps_it_and_the_probe_is_kept(monkeypatch, tmp_pa
 
 def test_slow_bf16_is_left_out_even_where_the_cpu_has_it(monkeypatch, tmp_path):
     monkeypatch.setattr("greenopt.runtimes.cpu_has_bf16", lambda flags=None: True)
-    monkeypatch.setattr(machine, "probe_kernels", lambda **_: probe_kernels(bench=fixed({BF16: 1.3})))
+    slow = {BF16: 1.3, "int8 weight-only (_weight_int8pack_mm, bf16 activations)": 1.2,
+            "int4 weight-only (_weight_int4pack_mm_for_cpu, group 32, bf16 activations)": 1.1}
+    monkeypatch.setattr(machine, "probe_kernels", lambda **_: probe_kernels(bench=fixed(slow)))
     space, why = machine.space_for_machine(SpaceSpec(), "cpu", tmp_path / "k.json")
     assert space.dtypes == () and "1.30x" in why["dtype bfloat16"]
 

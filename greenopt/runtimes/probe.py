@@ -70,18 +70,25 @@ def probe_kernels(*, in_features: int = 576, out_features: int = 1536, budget_s:
 
 
 def fast_dtypes(probe: KernelProbe, wanted: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The compute dtypes of ``wanted`` with a fast matmul here, and why each other one is left out."""
+    """The compute dtypes of ``wanted`` with a fast path here, and why each other one is left out.
+
+    bfloat16 counts as fast when its matmul is, or when a low-bit kernel that takes bfloat16
+    activations is (the int4/int8 weight-only kernels run only in bf16, so bf16 is worth
+    measuring with them even where a dense bf16 matmul is slower than fp32).
+    """
     by_name = {t.name: t for t in probe.timings}
     kept, why = [], {}
     for dtype in wanted:
         t = by_name.get(f"matmul {dtype}")
-        if dtype == "float32" or (t is not None and t.fast):
+        lowbit = [k for k in probe.timings if dtype == "bfloat16" and "bf16 activations" in k.name and k.fast]
+        if dtype == "float32" or (t is not None and t.fast) or lowbit:
             kept.append(dtype)
         elif t is None or t.ratio_to_fp32 is None:
             why[dtype] = f"no {dtype} matmul here ({t.note if t else 'not probed'})"
         else:
             why[dtype] = (f"{dtype} matmul took {t.ratio_to_fp32:.2f}x fp32's time at batch 1 on this CPU "
-                          f"(fast means <= {FAST_RATIO:g}x)")
+                          f"(fast means <= {FAST_RATIO:g}x)" + (" and no low-bit kernel with bf16 activations was "
+                                                                 "fast either" if dtype == "bfloat16" else ""))
     return tuple(kept), why
 
 
