@@ -22,7 +22,9 @@ import datetime as dt
 import logging
 import math
 import multiprocessing
+import os
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -143,13 +145,23 @@ def aa_comparison(payload: str) -> str:
 def _in_fresh_process(payload: str) -> str:
     ctx = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_quiet_worker) as pool:
             return pool.submit(aa_comparison, payload).result()
     except GreenoptError:
         raise
     except BrokenProcessPool:
         raise MeterError("an A/A comparison's worker process died (out of memory?); "
                          "nothing was stored; free memory or pass a smaller --protocol") from None
+
+
+def _quiet_worker() -> None:
+    """A worker prints nothing of its libraries' own: no load bars, no deprecation chatter."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for noisy in ("torch", "torch.utils._pytree", "torchao", "transformers", "accelerate", "bitsandbytes", "hqq"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _report(progress: Progress | None, done: int, total: int) -> None:

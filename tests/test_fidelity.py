@@ -234,3 +234,48 @@ def test_evaluate_keeps_per_item_values_only_when_asked():
     assert plain.items is None and plain.value == kept.value and plain.stderr == kept.stderr
     p = paired_difference(kept.items, kept.items)
     assert p.diff == 0.0 and p.n == 6
+
+
+# ---------------------------------------------------------------------------- the KL rung in the search
+
+
+def test_kl_cut_for_drop_follows_the_measured_mapping():
+    from greenopt.evaluate.fidelity import kl_cut_for_drop
+
+    cuts = [kl_cut_for_drop(d) for d in (0.01, 0.02, 0.05, 0.10)]
+    assert cuts == sorted(cuts) and 0.5 < kl_cut_for_drop(0.05) < 1.0  # twice 5 points: about 0.72 nats
+
+
+def test_search_cuts_on_kl_derived_from_max_drop_or_set_explicitly():
+    from greenopt.config import FidelitySpec, SearchSpec
+    from greenopt.label import goal, load_scheme
+    from greenopt.records import QuickLook
+    from greenopt.search.runner import cuts_for
+
+    eu = load_scheme("relative-eu")
+    auto = cuts_for(SearchSpec(max_drop=0.05), goal(eu, "A", 0.05))
+    assert auto.kl_nats is not None and "derived from max_drop 0.05" in auto.kl_source
+    assert "KL: 2 nats/token" in auto(QuickLook(kl_nats_per_token=2.0))
+    assert auto(QuickLook(kl_nats_per_token=0.1)) is None
+    assert cuts_for(SearchSpec(), goal(eu, "A", None)).kl_nats is None  # no budget: KL recorded, no KL cut
+    fixed = cuts_for(SearchSpec(fidelity=FidelitySpec(kl_cut=0.3)), goal(eu, "A", None))
+    assert fixed.kl_nats == 0.3 and "fidelity.kl_cut" in fixed(QuickLook(kl_nats_per_token=0.5))
+    off = cuts_for(SearchSpec(max_drop=0.05, fidelity=FidelitySpec(kl=None)), goal(eu, "A", 0.05))
+    assert off.kl_nats is None
+
+
+def test_the_runner_looks_at_kl_first_and_prunes_on_it(tiny_dir):
+    from greenopt.config import DepthStep, EvalSpec, FidelitySpec, SearchSpec, Variant
+    from greenopt.search.runner import Cuts, TransformersRunner
+    from greenopt.testing import FakeMeter, tiny_llama, tiny_tokenizer
+
+    spec = SearchSpec(model=str(tiny_dir), fidelity=FidelitySpec(
+        kl=KLSpec(windows=2, tokens=16, top_k=8), perplexity_windows=0, quick_protocol=None, protocol="smoke",
+        eval=EvalSpec(tasks=("arc_easy",), limit=2)))
+    runner = TransformersRunner(spec, model=tiny_llama(), tokenizer=tiny_tokenizer(), meter=FakeMeter())
+    runner.prepare()
+    out = runner.run(Variant(steps=(DepthStep(drop=2),)), cut=Cuts(kl_nats=1e-9, kl_source=" (test)"))
+    assert out.pruned and out.pruned.startswith("KL: ") and out.quick.kl_nats_per_token > 0
+    assert "kl_s" in out.durations_s and out.comparison is None
+    kept = runner.run(Variant(steps=(DepthStep(drop=1),)), cut=Cuts(kl_nats=1e9))
+    assert kept.pruned is None and kept.comparison is not None and kept.quick.kl_nats_per_token > 0

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from greenopt.config._base import Strict
-from greenopt.config.evaluation import CalibSpec, EvalSpec
+from greenopt.config.evaluation import CalibSpec, EvalSpec, KLSpec
 from greenopt.config.protocol import PROTOCOL_PRESETS
 from greenopt.config.runtime import RuntimeSpec
 from greenopt.config.variant import QuantMethod
@@ -106,6 +106,12 @@ class FidelitySpec(Strict):
     """
 
     version: Literal[1] = 1
+    # The first rung: KL(baseline || variant) on held-aside text against the baseline's cached
+    # top-k (greenopt.evaluate.fidelity); None skips it. kl_cut prunes above that many nats/token;
+    # "auto" derives it from max_drop (fidelity.kl_cut_for_drop: the KL at which the measured
+    # mapping predicts twice the allowed drop), no cut without a max_drop.
+    kl: KLSpec | None = KLSpec(windows=16)
+    kl_cut: float | Literal["auto"] | None = "auto"
     perplexity_windows: int = Field(4, ge=0)
     perplexity_tokens: int = Field(128, ge=8)
     perplexity_cut: float | None = Field(3.0, gt=1)
@@ -113,6 +119,13 @@ class FidelitySpec(Strict):
     energy_cut: float | None = Field(1.5, gt=0)
     protocol: str = "cpu"
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("kl_cut")
+    @classmethod
+    def _positive_cut(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("kl_cut must be > 0 nats/token, 'auto' or null")
+        return v
 
     @field_validator("protocol", "quick_protocol")
     @classmethod

@@ -33,8 +33,10 @@ class Goal(Record):
 
 
 class QuickLook(Record):
-    """The cheap first look: held-aside perplexity and, optionally, a short energy comparison."""
+    """The cheap first look: KL from the baseline and held-aside perplexity, optionally a short
+    energy comparison."""
 
+    kl_nats_per_token: float | None = None
     perplexity: float | None = None
     baseline_perplexity: float | None = None
     comparison: Comparison | None = None

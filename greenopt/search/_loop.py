@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -52,7 +51,7 @@ from greenopt.records import RunOutcome, SearchResult, TrialRecord
 from greenopt.report import plot
 from greenopt.search import confirm, failures, pareto, rundir, space
 from greenopt.search import storage as study_storage
-from greenopt.search.runner import Cuts, Progress, TransformersRunner, TrialRunner
+from greenopt.search.runner import Cuts, Progress, TransformersRunner, TrialRunner, cuts_for
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +257,7 @@ def _drive(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRun
             with the same reason.
         Exception: a trial's unexpected exception (a bug), after the trial is told FAIL.
     """
-    ctx = _Ctx(study, spec, target, runner, rd, _cuts(spec, target), shared,
+    ctx = _Ctx(study, spec, target, runner, rd, cuts_for(spec, target), shared,
                f"{socket.gethostname()}:{os.getpid()}", progress)
     t0, ran = (time.monotonic() if started is None else started), 0
     same, last_fail = 0, None
@@ -422,15 +421,6 @@ def _recover(study: optuna.Study, spec: SearchSpec, rd: rundir.RunDir) -> None:
 
     for rec in study_storage.recover(study, shared=spec.storage is not None, lost=lost):
         write_json(rd.trial_path(rec.number), rec)
-
-
-def _cuts(spec: SearchSpec, target: Goal) -> Cuts | None:
-    fid = spec.fidelity
-    ppl = fid.perplexity_cut if fid.perplexity_windows else None
-    bound = target.bound
-    eei = (fid.energy_cut * bound if fid.energy_cut and fid.quick_protocol and target.scheme.relative
-           and math.isfinite(bound) else None)
-    return Cuts(perplexity_ratio=ppl, quick_eei=eei) if (ppl or eei) else None
 
 
 def _ensure_baseline(study: optuna.Study, spec: SearchSpec, num_layers: int) -> None:

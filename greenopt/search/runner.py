@@ -35,6 +35,8 @@ from greenopt.compress.calibration import text_windows
 from greenopt.config import SearchSpec, SpaceSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.evaluate.fidelity import baseline_reference, kl_cut_for_drop, kl_look
+from greenopt.label import Goal
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, compare_repeated
 from greenopt.models import load_model
@@ -53,17 +55,23 @@ class Cuts:
 
     Args:
         perplexity_ratio: prune when perplexity exceeds this multiple of the baseline's.
+        kl_nats: prune when the KL look exceeds this many nats/token (``kl_source`` says why this cut).
         quick_eei: prune when the best (lower) end of the quick EEI interval exceeds this.
     """
 
     perplexity_ratio: float | None = None
     quick_eei: float | None = None
+    kl_nats: float | None = None
+    kl_source: str = ""
 
     @property
     def needs_energy(self) -> bool:
         return self.quick_eei is not None
 
     def __call__(self, quick: QuickLook) -> str | None:
+        kl = quick.kl_nats_per_token
+        if self.kl_nats is not None and kl is not None and kl > self.kl_nats:
+            return f"KL: {kl:.3g} nats/token from the baseline > cut {self.kl_nats:.3g}{self.kl_source}"
         r = quick.perplexity_ratio
         if self.perplexity_ratio is not None and r is not None and r > self.perplexity_ratio:
             return (f"perplexity: {quick.perplexity:.4g} is {r:.2f}x the baseline's "
@@ -72,6 +80,22 @@ class Cuts:
         if self.quick_eei is not None and c is not None and c.eei_ci[0] > self.quick_eei:
             return f"energy: quick EEI {c.eei:.1f} [{c.eei_ci[0]:.1f}, {c.eei_ci[1]:.1f}] > cut {self.quick_eei:.1f}"
         return None
+
+
+def cuts_for(spec: SearchSpec, target: Goal) -> Cuts | None:
+    """The quick-look cuts of a search: KL, perplexity ratio and quick EEI, as the fidelity spec sets them."""
+    fid = spec.fidelity
+    ppl = fid.perplexity_cut if fid.perplexity_windows else None
+    bound = target.bound
+    eei = (fid.energy_cut * bound if fid.energy_cut and fid.quick_protocol and target.scheme.relative
+           and math.isfinite(bound) else None)
+    kl, source = None, ""
+    if fid.kl is not None and isinstance(fid.kl_cut, float):
+        kl, source = fid.kl_cut, " (fidelity.kl_cut)"
+    elif fid.kl is not None and fid.kl_cut == "auto" and spec.max_drop is not None:
+        kl = kl_cut_for_drop(spec.max_drop)
+        source = f" (derived from max_drop {spec.max_drop:g}: twice the drop on the measured mapping)"
+    return Cuts(perplexity_ratio=ppl, quick_eei=eei, kl_nats=kl, kl_source=source) if (ppl or eei or kl) else None
 
 
 @runtime_checkable
@@ -131,6 +155,7 @@ class TransformersRunner:
         self._baseline_ppl: float | None = None
         self._windows: Any = None
         self._left_out: dict[str, str] = {}
+        self._kl_ref: Any = None
 
     # ------------------------------------------------------------------ setup
 
@@ -148,6 +173,8 @@ class TransformersRunner:
             self._model, self._tok, self._info = load_model(self.spec.model, dtype=dtype, device=device)
         self._model.eval()
         self._ctx = ApplyContext(tokenizer=self._tok, calib=self.spec.calib)
+        if self.spec.fidelity.kl is not None:
+            self._kl_ref = baseline_reference(self._model, self._tok, self.spec.fidelity.kl)
         if self.spec.fidelity.perplexity_windows:
             self._baseline_ppl = self._perplexity(self._model)
         log.info("scoring the baseline on %s", ", ".join(self.spec.fidelity.eval.tasks))
@@ -239,6 +266,13 @@ class TransformersRunner:
 
         fid = self.spec.fidelity
         quick = QuickLook(baseline_perplexity=self._baseline_ppl)
+        if self._kl_ref is not None:
+            t = time.perf_counter()
+            quick = quick.model_copy(update={"kl_nats_per_token": kl_look(cand, self._kl_ref).kl_nats_per_token})
+            times["kl_s"] = time.perf_counter() - t
+            reason = cut(quick)
+            if reason:
+                return quick, reason
         if fid.perplexity_windows:
             t = time.perf_counter()
             quick = quick.model_copy(update={"perplexity": self._perplexity(cand)})
