@@ -452,3 +452,17 @@ def test_a_failed_confirmation_leaves_the_trial_unconfirmed_and_a_bug_is_raised(
     res = search(spec, runner=Breaks())
     assert not any(r.confirmed for r in res.trials)
     assert res.chosen is None or not res.chosen.confirmed  # nothing confirmed: the search's own figures decide
+
+
+def test_workers_that_race_for_the_last_slot_give_the_surplus_back():
+    import optuna
+
+    from greenopt.search.storage import budget_left, over_budget
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    a, b, c = study.ask(), study.ask(), study.ask()  # three workers saw one slot left of... three asked
+    assert [over_budget(study, t, 2) for t in (a, b)] == [False, False]
+    assert over_budget(study, c, 2)
+    frozen = study.get_trials(deepcopy=False)[2]
+    assert frozen.state.name == "FAIL" and frozen.user_attrs["over_budget"] and frozen.user_attrs["lost"]
+    assert budget_left(study, 2) == 0  # the surplus trial holds no slot

@@ -280,6 +280,8 @@ def _drive(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRun
             trial = study.ask()
         if shared:
             study_storage.beat(study, trial)  # at once: a trial killed before its first beat is never stale
+            if study_storage.over_budget(study, trial, spec.n_trials):
+                return False, _stopped(study, f"budget of {spec.n_trials} trials used")
         try:
             rec = _run_trial(ctx, trial)
         except KeyboardInterrupt:

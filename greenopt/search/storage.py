@@ -364,10 +364,25 @@ def cached(study: optuna.Study, variant_hash: str, device: str, number: int) -> 
     return None
 
 
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
+        t.state == TrialState.FAIL and "record" in t.user_attrs and not t.user_attrs.get("lost"))
+
+
 def budget_left(study: optuna.Study, n_trials: int) -> int:
-    used = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or (
-                t.state == TrialState.FAIL and "record" in t.user_attrs and not t.user_attrs.get("lost")):
-            used += 1
-    return n_trials - used
+    return n_trials - sum(_counts(t) for t in study.get_trials(deepcopy=False))
+
+
+def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """True (and the trial is told FAIL, marked lost and ``over_budget``) when workers that checked
+    the budget at the same moment asked for more trials than it had left: the trials beyond the
+    budget in number order give their slot back before running, so exactly ``n_trials`` run."""
+    counted = sorted(t.number for t in study.get_trials(deepcopy=False) if _counts(t))
+    if trial.number not in counted[n_trials:]:
+        return False
+    trial.set_user_attr("lost", True)
+    trial.set_user_attr("over_budget", True)
+    study.tell(trial, TrialState.FAIL)
+    log.info("trial %d is over the budget of %d (another worker took the last slot); not run", trial.number,
+             n_trials)
+    return True
