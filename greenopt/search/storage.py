@@ -382,7 +382,7 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool
         return False
     trial.set_user_attr("lost", True)
     trial.set_user_attr("over_budget", True)
-    study.tell(trial, TrialState.FAIL)
+    study.tell(trial, state=TrialState.FAIL)
     log.info("trial %d is over the budget of %d (another worker took the last slot); not run", trial.number,
              n_trials)
     return True
