@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Prints the import cycles among greenopt's modules and exits 1 when there is one.
 
-Counts top-level and function-level imports alike (an import inside a function is still a
-dependency, only a later one); imports under ``if TYPE_CHECKING:`` are not run and are left
-out. Also lists function-level imports of greenopt modules, which the layout allows only to
-defer a heavy optional backend: each must carry a comment saying which (``# lazy: ...``).
+Counts top-level and unexplained function-level imports (an import inside a function is still a
+dependency, only a later one); ``from pkg import sub`` depends on ``pkg`` too (its ``__init__``
+runs and its namespace is read), so a submodule that imports its siblings that way cycles
+through a package that re-exports it. A function-level import marked ``# lazy: <backend>`` runs
+on first use, never at import: it counts for the floors, not for cycles. Imports under
+``if TYPE_CHECKING:`` are not run and are left out. Also lists function-level imports of
+greenopt modules without that comment: the layout allows them only to defer a heavy optional
+backend.
 
 Then checks the floors of the layout (README, "Where things are"): a module imports only
 from its own floor or below, never up. TYPE_CHECKING imports count here too (an annotation
@@ -73,6 +77,8 @@ def _targets(node: ast.Import | ast.ImportFrom, name: str, is_pkg: bool, modules
         hit = sub if sub in modules else _known(base, modules)
         if hit:
             found.append(hit)
+        if hit == sub and base in modules and base != name:
+            found.append(base)  # `from pkg import sub` reads pkg's namespace: pkg/__init__ runs first
     return found
 
 
@@ -166,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
     modules = set(files)
     graph: dict[str, set[str]] = {m: set() for m in modules}
+    deferred: dict[str, set[str]] = {m: set() for m in modules}
     lazy: list[str] = []
     for name, path in files.items():
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -173,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             # A package's own __init__ re-exporting its submodules is not a dependency of theirs.
             if target == name or (name.startswith(target + ".") and target in modules and False):
                 continue
+            if in_func and "# lazy:" in lines[line - 1]:
+                deferred[name].add(target)  # runs on first use, never at import: no import cycle, still a floor
+                continue
             graph[name].add(target)
-            if in_func and "# lazy:" not in lines[line - 1]:
+            if in_func:
                 lazy.append(f"{path.relative_to(root.parent)}:{line}: function-level import of {target} "
                             "without a '# lazy: <backend>' comment")
     found = cycles(graph)
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     unplaced = sorted(m for m in modules if floor(m) < 0)
     for m in unplaced:
         print(f"module {m} is on no floor: add it to FLOORS")
-    up = upward(_with_type_checking(files, modules, graph))
+    up = upward(_with_type_checking(files, modules, {m: graph[m] | deferred[m] for m in modules}))
     for line in up:
         print(line)
     print(f"{len(modules)} modules, {sum(map(len, graph.values()))} import edges, {len(found)} cycles, "

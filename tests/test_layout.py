@@ -39,3 +39,25 @@ def test_a_module_on_no_floor_fails_the_check(tmp_path):
     (pkg / "stray.py").write_text('"""a module nobody placed"""\n')
     r = _check(pkg)
     assert r.returncode == 1 and "module greenopt.stray is on no floor" in r.stdout
+
+
+def test_a_sibling_imported_through_its_package_is_a_cycle(tmp_path):
+    pkg = tmp_path / "greenopt"
+    shutil.copytree(ROOT / "greenopt", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    confirm = pkg / "search" / "confirm.py"  # the package __init__ imports _loop, which imports confirm
+    confirm.write_text(confirm.read_text().replace("import greenopt.search.pareto as pareto",
+                                                   "from greenopt.search import pareto"))
+    r = _check(pkg)
+    assert r.returncode == 1
+    assert "import cycle: greenopt.search <-> greenopt.search._loop <-> greenopt.search.confirm" in r.stdout
+
+
+def test_a_lazy_import_counts_for_the_floors_but_not_for_cycles(tmp_path):
+    pkg = tmp_path / "greenopt"
+    shutil.copytree(ROOT / "greenopt", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    base = pkg / "records" / "_base.py"
+    base.write_text(base.read_text() + "\n\ndef _later():\n    from greenopt.search import pareto"
+                    "  # lazy: test  # noqa: F401\n")
+    r = _check(pkg)
+    assert "import cycle:" not in r.stdout
+    assert r.returncode == 1 and "upward import: greenopt.records._base" in r.stdout

@@ -49,8 +49,12 @@ from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label import Goal, goal, grade_comparison, grade_measurement
 from greenopt.records import RunOutcome, SearchResult, TrialRecord
 from greenopt.report import plot
-from greenopt.search import confirm, failures, pareto, rundir, space
-from greenopt.search import storage as study_storage
+import greenopt.search.confirm as confirm
+import greenopt.search.failures as failures
+import greenopt.search.pareto as pareto
+import greenopt.search.rundir as rundir
+import greenopt.search.space as space
+import greenopt.search.storage as study_storage
 from greenopt.search.runner import Cuts, Progress, TransformersRunner, TrialRunner, cuts_for
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from greenopt._io import write_json
 from greenopt.config import SearchSpec
 from greenopt.label import Goal, grade_comparison, grade_measurement
 from greenopt.records import TrialRecord
-from greenopt.search import pareto, rundir
-from greenopt.search import storage as study_storage
+import greenopt.search.pareto as pareto
+import greenopt.search.rundir as rundir
+import greenopt.search.storage as study_storage
 from greenopt.search.failures import expected, reason
 from greenopt.search.runner import Progress, TrialRunner
 
