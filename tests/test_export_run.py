@@ -30,12 +30,17 @@ def _run(tmp_path):
     tiny_llama().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     spec = SearchSpec(model=str(base), target="B", name="r", runs_dir=str(tmp_path / "runs"), calib=CALIB)
-    rd = RunDir(tmp_path / "runs" / "r")
-    rd.trials.mkdir(parents=True)
-    rd.spec.write_text(dump_yaml(spec))
     variant = Variant(steps=(DepthStep(drop=1),))
     report = apply(tiny_llama(), variant, tokenizer=tiny_tokenizer(), calib=CALIB)
     cmp, evals = _comparison_and_evals()
+    return record_run(RunDir(tmp_path / "runs" / "r"), spec, variant, report, cmp, evals)
+
+
+def record_run(rd: RunDir, spec: SearchSpec, variant: Variant, report, cmp, evals) -> tuple[RunDir, list]:
+    """Writes ``rd``'s search.yaml and a study holding the baseline and one trial of ``variant``
+    (records only, no trial files), as a worker on another machine would leave it."""
+    rd.trials.mkdir(parents=True)
+    rd.spec.write_text(dump_yaml(spec))
     grade = grade_comparison(cmp, load_scheme("relative-eu"))
     recs = [TrialRecord(number=0, state="COMPLETE", variant=Variant(), variant_hash=Variant().hash, is_baseline=True,
                         eval=evals[1], comparison=cmp, grade=grade, energy=100.0, energy_ci=(99.0, 101.0)),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import shutil
 
-import optuna
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,15 +15,14 @@ import greenopt.runtimes
 import greenopt.ship.exporter
 import greenopt.ship.gate
 from greenopt.compress import apply
-from greenopt.config import CalibSpec, Deploy, DepthStep, SearchSpec, Variant, dump_yaml, protocol_preset
+from greenopt.config import CalibSpec, Deploy, DepthStep, SearchSpec, Variant, protocol_preset
 from greenopt.errors import ConfigError, ModelError, WriteError
-from greenopt.label import grade_comparison, load_scheme
 from greenopt.label.card import load_card
 from greenopt.models import load_model
-from greenopt.records import Comparison, TrialRecord
+from greenopt.records import Comparison
 from greenopt.runtimes import cast, realise
 from greenopt.search.rundir import RunDir
-from greenopt.ship import VerifySpec, export, export_run, load, load_manifest, verify
+from greenopt.ship import VerifySpec, export, export_run, load, verify
 from greenopt.ship.exporter import files_sha256
 from greenopt.testing import tiny_llama, tiny_tokenizer
 
@@ -57,23 +55,10 @@ def _run(root, variant: Variant) -> RunDir:
     tiny_tokenizer().save_pretrained(base)
     spec = SearchSpec(model=str(base), target="G", name="r", runs_dir=str(root / "runs"), calib=CALIB,
                       fidelity={"protocol": "smoke"})
-    rd = RunDir(root / "runs" / "r")
-    rd.trials.mkdir(parents=True)
-    rd.spec.write_text(dump_yaml(spec))
     report = apply(cast(tiny_llama(), variant.deploy), variant, tokenizer=tiny_tokenizer(), calib=CALIB)
-    cmp, evals = _comparison(), card_evals()
-    grade = grade_comparison(cmp, load_scheme("relative-eu"))
-    recs = [TrialRecord(number=0, state="COMPLETE", variant=Variant(), variant_hash=Variant().hash, is_baseline=True,
-                        eval=evals[1], comparison=cmp, grade=grade, energy=100.0, energy_ci=(99.0, 101.0)),
-            TrialRecord(number=1, state="COMPLETE", variant=variant, variant_hash=variant.hash, eval=evals[0],
-                        comparison=cmp, grade=grade, energy=cmp.eei, energy_ci=cmp.eei_ci, apply=report)]
-    study = optuna.create_study(storage=rd.sqlite_url, study_name=spec.resolved_study_name,
-                                directions=["maximize", "minimize"])
-    dist = optuna.distributions.CategoricalDistribution([0])
-    for r in recs:
-        study.add_trial(optuna.trial.create_trial(
-            params={"x": 0}, distributions={"x": dist}, values=[r.mean_accuracy, r.energy],
-            user_attrs={"record": r.model_dump(mode="json"), "variant_hash": r.variant_hash}))
+    from test_export_run import record_run
+
+    rd, _ = record_run(RunDir(root / "runs" / "r"), spec, variant, report, _comparison(), card_evals())
     return rd
 
 
