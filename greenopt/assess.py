@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 from pydantic import Field
 
-from greenopt.compress import apply
 from greenopt.config import (
     CalibSpec,
     EvalSpec,
@@ -35,13 +34,13 @@ from greenopt.env import resolve_device, resolve_dtype, set_threads
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.label import load_scheme
 from greenopt.label.card import build_card, current_runtime
-from greenopt.measure.select import select_meter
 from greenopt.errors import ConfigError
+from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare_repeated
 from greenopt.runtimes import (
     Runtime,
     TransformersRuntime,
-    cast,
+    deploy,
     load_artifact,
     realise,
     runtime_class,
@@ -175,20 +174,19 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
 
 def _model_sides(spec: AssessSpec, model, tok, dtype: str, device: str, progress: Progress | None):
     """(baseline, candidate runtime, pair(r), apply report): the variant applied to ``spec.model``."""
+    variant = spec.variant
+    changes = bool(variant.steps) or not variant.deploy.is_reference
     if spec.baseline is None or spec.baseline == spec.model:
-        baseline = copy.deepcopy(model) if spec.variant.steps else model
+        baseline = copy.deepcopy(model) if changes else model
     else:
         baseline, _, _ = load_model(spec.baseline, dtype=dtype, device=device,
                                     trust_remote_code=spec.trust_remote_code)
-    report = None
-    variant = spec.variant
-    changes = bool(variant.steps) or not variant.deploy.is_reference
-    if changes and baseline is model:
-        baseline = copy.deepcopy(model)
     pristine = copy.deepcopy(model) if changes and spec.comparisons > 1 else None
+    report = None
     if changes:
-        report = _realised_report(model, variant, tok, spec, progress)
-    candidate = realise(model, tok, variant.deploy, steps=variant.steps)
+        candidate, report = deploy(model, tok, variant, calib=spec.calib, progress=progress)
+    else:
+        candidate = realise(model, tok, variant.deploy)
 
     def pair(r: int):
         """Comparison r's two runtimes: the measured ones first, then fresh copies of both."""
@@ -196,10 +194,8 @@ def _model_sides(spec: AssessSpec, model, tok, dtype: str, device: str, progress
             return baseline, (candidate if changes else copy.deepcopy(baseline))
         if pristine is None:
             return copy.deepcopy(baseline), copy.deepcopy(model)
-        cand = copy.deepcopy(pristine)  # seeded moves: the same weights again, in fresh memory
-        cast(cand, variant.deploy)
-        apply(cand, variant, tokenizer=tok, calib=spec.calib)
-        return copy.deepcopy(baseline), realise(cand, tok, variant.deploy, steps=variant.steps)
+        # seeded moves: the same weights again, in fresh memory
+        return copy.deepcopy(baseline), deploy(copy.deepcopy(pristine), tok, variant, calib=spec.calib)[0]
 
     return baseline, candidate, pair, report
 
@@ -214,9 +210,3 @@ def _artifact_sides(spec: AssessSpec, model, device: str):
         return copy.deepcopy(model), load_artifact(spec.artifact, spec.variant.deploy, device)
 
     return model, candidate, pair, None
-
-
-def _realised_report(model, variant: Variant, tok, spec: AssessSpec, progress: Progress | None) -> ApplyReport:
-    """Casts to the deployment's dtype, applies the steps (in place) and reports what changed."""
-    cast(model, variant.deploy)
-    return apply(model, variant, tokenizer=tok, calib=spec.calib, progress=progress)

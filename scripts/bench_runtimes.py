@@ -26,22 +26,18 @@ from pathlib import Path
 
 import torch
 
-from greenopt.compress import apply
 from greenopt.config import Deploy, EvalSpec, QuantizeStep, Variant, load_variant, protocol_preset
 from greenopt.env import cpu_flags, set_threads
 from greenopt.errors import GreenoptError
 from greenopt.evaluate import evaluate
+from greenopt.evaluate.fidelity import paired_difference
 from greenopt.label import grade_comparison, load_scheme
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare_repeated
 from greenopt.models import load_model
-from greenopt.runtimes import TransformersRuntime, cast, realise, runtime_class, unrealisable
+from greenopt.runtimes import TransformersRuntime, deploy, runtime_class, unrealisable
 from greenopt.runtimes.probe import probe_kernels
 
-try:
-    from greenopt.evaluate.fidelity import paired_difference
-except ImportError:  # before the fidelity room lands: unpaired figures only
-    paired_difference = None
 
 BF16 = Deploy(dtype="bfloat16")
 ROWS: tuple[tuple[str, Variant], ...] = (
@@ -69,6 +65,8 @@ def main() -> int:
         print(f"  {line}")
     protocol = protocol_preset(a.protocol)
     meter = select_meter(a.meter, cpu_watts=a.cpu_watts, device="cpu")
+    print(f"every row: protocol {protocol.id}, meter {meter.name} (tier {meter.tier}) on {meter.device().name}, "
+          f"{a.comparisons} comparisons against transformers fp32")
     scheme = load_scheme("relative-eu")
     spec = EvalSpec(tasks=tuple(a.tasks), limit=a.limit or None, seed=0)
     model, tok, info = load_model("default", dtype="float32", device="cpu")
@@ -145,24 +143,20 @@ def _row(name, variant, model, tok, protocol, meter, scheme, spec, base_eval, re
 
 
 def _realised(model, tok, variant: Variant):
-    cand = cast(copy.deepcopy(model), variant.deploy)
-    report = apply(cand, variant, tokenizer=tok) if variant.steps else None
-    return realise(cand, tok, variant.deploy, steps=variant.steps), report
+    runtime, report = deploy(copy.deepcopy(model), tok, variant)
+    return runtime, report if variant.steps else None
 
 
 def _scored(runtime, tok, spec: EvalSpec):
-    if paired_difference is None:
-        return evaluate(runtime, tok, spec)
-    return evaluate(runtime, tok, spec, keep_items=True)
+    return evaluate(runtime, tok, spec, keep_items=True)  # per item, for the paired differences
 
 
 def _accuracy(ev, base) -> dict:
     out = {}
     for s, b in zip(ev.scores, base.scores, strict=True):
         row = {"value": s.value, "baseline": b.value, "n": s.n, "stderr": s.stderr}
-        items, base_items = getattr(s, "items", None), getattr(b, "items", None)
-        if paired_difference is not None and items and base_items:
-            d = paired_difference(items, base_items)
+        if s.items and b.items:
+            d = paired_difference(s.items, b.items)
             row |= {"paired_diff": d.diff, "paired_stderr": d.stderr, "z": d.z}
         out[s.task] = row
     out["mean"] = sum(r["value"] for r in out.values()) / len(ev.scores)

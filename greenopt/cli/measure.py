@@ -172,7 +172,9 @@ def _calibrate_on_first_use(spec: AssessSpec, args) -> None:
     with progress_bars(not args.json) as progress:
         floor = calibrate(cal, progress=progress)
     if not args.json:
-        console.print(f"noise floor: sd {floor.log_sd:.4f} of log EEI, stored for later runs")
+        console.print(f"noise floor: sd {floor.log_sd:.4f} of log EEI over {len(floor.eeis)} A/A comparisons "
+                      f"({floor.meter}, tier {floor.tier}, {floor.protocol_id}, {floor.threads} threads), "
+                      "stored for later runs")
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:

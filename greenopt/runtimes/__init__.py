@@ -1,6 +1,7 @@
 """Runtimes: realise a (transformed) model as the artifact users deploy, and run it there.
 
-One verb: ``realise(model, tokenizer, deploy) -> Runtime``. Energy is metered around the
+One verb: ``realise(model, tokenizer, deploy) -> Runtime``; ``deploy(model, tokenizer, variant)``
+casts, applies the variant's steps and realises it, as every measurement does. Energy is metered around the
 runtime's own calls (:meth:`Runtime.generate`) with the same meters and GO-1 protocol, and
 accuracy is scored on the same artifact (:meth:`Runtime.logits`).
 
@@ -31,13 +32,15 @@ from pathlib import Path
 
 import torch
 
-from greenopt.config import RUNTIME_EXTRAS, Deploy, DepthStep, HealStep, PruneStep, Step, WidthStep
+from greenopt.compress import ApplyContext, apply
+from greenopt.config import RUNTIME_EXTRAS, CalibSpec, Deploy, DepthStep, HealStep, PruneStep, Step, Variant, WidthStep
 from greenopt.env import cpu_has_bf16, cpu_has_fp16
 from greenopt.errors import ConfigError
+from greenopt.records import ApplyReport
 from greenopt.runtimes.base import Runtime
 from greenopt.runtimes.hf import TransformersRuntime, weight_kernels
 
-__all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "load_artifact", "realise",
+__all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "deploy", "load_artifact", "realise",
            "unrealisable", "weight_kernels"]
 
 #: Runtime name -> "module:class", imported on first use (optional backends stay optional).
@@ -126,6 +129,24 @@ def realise(model: torch.nn.Module, tokenizer, deploy: Deploy, *, steps: Iterabl
         cast(model, deploy)
         return TransformersRuntime(model, tokenizer)
     return cls.build(model, tokenizer, deploy)
+
+
+def deploy(model: torch.nn.Module, tokenizer, variant: Variant, *, calib: CalibSpec | None = None,
+           ctx: ApplyContext | None = None, progress=None) -> tuple[Runtime, ApplyReport]:
+    """A variant as measured: ``model`` cast to its dtype, its steps applied (in place), realised.
+
+    The one sequence every verb that measures a variant runs (assess, the search's trials and
+    confirmations, the benchmarks), so the steps always see the deployment's dtype.
+
+    Returns:
+        The runtime and what the steps changed (:func:`greenopt.compress.apply`).
+
+    Raises:
+        MoveError: a step cannot apply; ConfigError: as :func:`realise`.
+    """
+    cast(model, variant.deploy)
+    report = apply(model, variant, tokenizer=tokenizer, calib=calib, ctx=ctx, progress=progress)
+    return realise(model, tokenizer, variant.deploy, steps=variant.steps), report
 
 
 def load_artifact(folder: str | Path, deploy: Deploy, device: str = "cpu") -> Runtime:

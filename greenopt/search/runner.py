@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from greenopt import offline
-from greenopt.compress import ApplyContext, apply
+from greenopt.compress import ApplyContext
 from greenopt.compress.calibration import text_windows
 from greenopt.config import SearchSpec, SpaceSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
@@ -41,7 +41,7 @@ from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, compare_repeated
 from greenopt.models import load_model
 from greenopt.records import Comparison, EvalResult, QuickLook, RunOutcome
-from greenopt.runtimes import as_runtime, cast, realise
+from greenopt.runtimes import as_runtime, deploy
 from greenopt.search.machine import space_for_machine
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,7 @@ class TransformersRunner:
         cand = copy.deepcopy(base)
         try:
             t = time.perf_counter()
-            cast(cand, variant.deploy)
-            report = apply(cand, variant, ctx=self._ctx, progress=_prefixed(progress, "apply"))
-            cand = realise(cand, self._tok, variant.deploy, steps=variant.steps)
+            cand, report = deploy(cand, self._tok, variant, ctx=self._ctx, progress=_prefixed(progress, "apply"))
             times["apply_s"] = time.perf_counter() - t
             quick = None
             if not variant.is_baseline and cut is not None:
@@ -251,9 +249,7 @@ class TransformersRunner:
         base = self._need_model()
 
         def pair(r: int):  # fresh copies of both sides, the variant re-applied (seeded: same weights)
-            cand = cast(copy.deepcopy(base), variant.deploy)
-            apply(cand, variant, ctx=self._ctx)
-            return copy.deepcopy(base), realise(cand, self._tok, variant.deploy, steps=variant.steps)
+            return copy.deepcopy(base), deploy(copy.deepcopy(base), self._tok, variant, ctx=self._ctx)[0]
 
         try:
             return compare_repeated(pair, self._tok, protocol_preset(self.spec.fidelity.protocol), self._meter,
