@@ -174,6 +174,12 @@ def render_outcome(result, console) -> None:
         console.print(f"confirmed {len(confirmed)} trials with fresh repeated comparisons in "
                       f"{result.confirm_s / 60:.1f} min: " + "; ".join(
                           f"trial {r.number} {r.display} (search read {r.search_display})" for r in confirmed))
+    if result.finalists:
+        items = "the full task sets" if result.finalists[0].limit is None else f"{result.finalists[0].limit} items a task"
+        console.print(f"finalists scored on {items} in {result.final_s / 60:.1f} min, the pick against each "
+                      "(paired on the same items; |z| < 2 is within noise):")
+        for t in result.finalists:
+            console.print(f"  {t.line}")
     if result.chosen is not None:
         c = result.chosen
         how = ("interval over repeated comparisons" if c.confirmed

@@ -26,6 +26,7 @@ from greenopt.config import (
     CalibSpec,
     EvalSpec,
     FidelitySpec,
+    KLSpec,
     Protocol,
     SearchSpec,
     SpaceSpec,
@@ -42,7 +43,7 @@ from greenopt.config.protocol import (
     preset_of,
 )
 from greenopt.config.runtime import DType, LabelSpec, MeterName
-from greenopt.config.search import MAX_TRIALS, Seed
+from greenopt.config.search import MAX_TRIALS, KLCut, Rungs, Seed
 from greenopt.errors import ConfigError
 
 _LETTER = r"^[A-Z][A-Za-z0-9+]{0,3}$"
@@ -62,9 +63,20 @@ class ModelSection(Strict):
         return {"id": v} if isinstance(v, str) else v
 
 
-class QuickLookSpec(Strict):
-    """Search fidelity 0: the cheap first look that prunes hopeless trials (see FidelitySpec)."""
+def _fidelity_default(field: str) -> Any:
+    return FidelitySpec.model_fields[field].default
 
+
+class QuickLookSpec(Strict):
+    """The search's fidelity ladder: the quick look that prunes hopeless trials, the accuracy
+    rungs and the finalists' scoring (see :class:`~greenopt.config.search.FidelitySpec`)."""
+
+    kl: KLSpec | None = _fidelity_default("kl")
+    kl_cut: KLCut = _fidelity_default("kl_cut")
+    rungs: Rungs = _fidelity_default("rungs")
+    promote_eta: int = Field(_fidelity_default("promote_eta"), ge=2, le=10)
+    final_scoring: bool = _fidelity_default("final_scoring")
+    final_limit: int | None = Field(_fidelity_default("final_limit"), ge=2)
     perplexity_windows: int = Field(4, ge=0)
     perplexity_tokens: int = Field(128, ge=8)
     perplexity_cut: float | None = Field(3.0, gt=1)

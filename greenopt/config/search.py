@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from greenopt.config._base import Strict
 from greenopt.config.evaluation import CalibSpec, EvalSpec, KLSpec
@@ -23,6 +23,27 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 PrunePattern = Literal["unstructured", "2:4"]
+
+
+def _growing(v: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    for a, b in zip(v, v[1:]):
+        if a is None or (b is not None and b <= a):
+            raise ValueError(f"rungs {list(v)} must be increasing item counts per task (null, the full sets, only last)")
+    if any(r is not None and r < 2 for r in v):
+        raise ValueError("a rung needs at least 2 items per task")
+    return v
+
+
+def _positive_cut(v: float | str | None) -> float | str | None:
+    if isinstance(v, float) and not v > 0:
+        raise ValueError("kl_cut must be > 0 nats/token, 'auto' or null")
+    return v
+
+
+#: Item counts per task of the accuracy rungs above the first (None: the full sets).
+Rungs = Annotated[tuple[int | None, ...], AfterValidator(_growing)]
+#: The KL quick-look cut in nats/token, "auto" (derived from max_drop) or None.
+KLCut = Annotated[float | Literal["auto"] | None, AfterValidator(_positive_cut)]
 
 
 class SpaceSpec(Strict):
@@ -103,6 +124,12 @@ class FidelitySpec(Strict):
     x the baseline's, or when (relative schemes only) the best end of its quick EEI interval
     exceeds ``energy_cut`` x the target class bound. Survivors get ``eval`` (lm-eval tasks)
     and a comparison under ``protocol``; only these full figures are ever graded.
+
+    Accuracy is a ladder (:attr:`ladder`): ``eval.limit`` seeded items per task for every
+    survivor, more (``rungs``) for those in the top ``1/promote_eta`` of the trials that could
+    reach the target (asynchronous successive halving), and ``final_limit`` (None: all) for the
+    finalists after the budget, compared pairwise. Accuracy is always reported as the paired
+    difference from the baseline on the same items.
     """
 
     version: Literal[1] = 1
@@ -111,7 +138,7 @@ class FidelitySpec(Strict):
     # "auto" derives it from max_drop (fidelity.kl_cut_for_drop: the KL at which the measured
     # mapping predicts twice the allowed drop), no cut without a max_drop.
     kl: KLSpec | None = KLSpec(windows=16)
-    kl_cut: float | Literal["auto"] | None = "auto"
+    kl_cut: KLCut = "auto"
     perplexity_windows: int = Field(4, ge=0)
     perplexity_tokens: int = Field(128, ge=8)
     perplexity_cut: float | None = Field(3.0, gt=1)
@@ -119,13 +146,24 @@ class FidelitySpec(Strict):
     energy_cut: float | None = Field(1.5, gt=0)
     protocol: str = "cpu"
     eval: EvalSpec = EvalSpec()
+    # Successive halving of accuracy items: every trial that passes the quick look is scored on
+    # eval.limit items per task; one that ranks in the top 1/promote_eta of the trials that could
+    # reach the target (by paired accuracy on that rung) is scored again on the next rung's items
+    # (null: the full sets). Subsets are nested and seeded, so every rung re-uses the items before it.
+    rungs: Rungs = (300,)
+    promote_eta: int = Field(3, ge=2, le=10)
+    # After the budget the finalists (the confirmed trials) and the baseline are scored on
+    # final_limit items per task (null: the full task sets), and compared pairwise (paired z).
+    final_scoring: bool = True
+    final_limit: int | None = Field(None, ge=2)
 
-    @field_validator("kl_cut")
-    @classmethod
-    def _positive_cut(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, float) and not v > 0:
-            raise ValueError("kl_cut must be > 0 nats/token, 'auto' or null")
-        return v
+    @property
+    def ladder(self) -> tuple[int | None, ...]:
+        """Items per task at each rung: ``eval.limit``, then the ``rungs`` above it (None: full sets)."""
+        first = self.eval.limit
+        if first is None:
+            return (None,)
+        return (first, *(r for r in self.rungs if r is None or r > first))
 
     @field_validator("protocol", "quick_protocol")
     @classmethod

@@ -38,9 +38,11 @@ from greenopt.records.measure import (
 )
 from greenopt.records.search import (
     ClosestRow,
+    FinalistTest,
     FrontRow,
     Goal,
     QuickLook,
+    RungScore,
     RunOutcome,
     SearchResult,
     State,
@@ -57,8 +59,8 @@ from greenopt.records.ship import (
 
 __all__ = [
     "TIER_ORDER", "ApplyReport", "CarbonLine", "ClosestRow", "Comparison", "DeviceInfo", "EnergyMeasurement",
-    "EnergySummary", "EvalResult", "ExportManifest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "KernelProbe", "KernelTiming", "KLLook", "LabelCard",
-    "ModelInfo", "NoiseFloor", "PairedDifference", "QuickLook", "Record", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
+    "EnergySummary", "EvalResult", "ExportManifest", "FinalistTest", "FrontRow", "GateResult", "Goal", "Grade", "Issue", "KernelProbe", "KernelTiming", "KLLook", "LabelCard",
+    "ModelInfo", "NoiseFloor", "PairedDifference", "QuickLook", "Record", "RungScore", "RunOutcome", "RuntimeDescription", "RuntimeInfo", "SearchResult", "State", "StepReport",
     "TaskLine", "TaskScore", "Tier", "TrialFigures", "TrialRecord", "Unreachable", "ValidationReport",
     "VariantInfo", "WindowResult", "downgrade",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from greenopt.config import LabelScheme, Variant
 from greenopt.records._base import Record
 from greenopt.records.label import Grade
-from greenopt.records.measure import ApplyReport, Comparison, EvalResult
+from greenopt.records.measure import ApplyReport, Comparison, EvalResult, PairedDifference
 
 
 class Goal(Record):
@@ -48,13 +48,54 @@ class QuickLook(Record):
         return self.perplexity / self.baseline_perplexity
 
 
+class RungScore(Record):
+    """Accuracy of one model on one rung of the ladder, paired against the baseline on the same items.
+
+    ``limit`` is the items per task (None: the full sets), ``n`` the items scored over all tasks.
+    ``paired`` is the mean-accuracy difference from the baseline with its paired standard error
+    (None when no task has per-item values, e.g. perplexity only).
+    """
+
+    limit: int | None
+    n: int
+    mean_accuracy: float
+    baseline_accuracy: float
+    paired: PairedDifference | None = None
+
+    @property
+    def delta(self) -> float:
+        """Mean accuracy minus the baseline's on the same items (negative = a loss)."""
+        return self.paired.diff if self.paired is not None else self.mean_accuracy - self.baseline_accuracy
+
+
+class FinalistTest(Record):
+    """Two finalists compared on the same items: ``a`` minus ``b`` in mean accuracy, paired."""
+
+    a: int
+    b: int
+    limit: int | None
+    paired: PairedDifference
+
+    @property
+    def line(self) -> str:
+        """E.g. ``trial 12 vs trial 7: +1.2 points, paired SE 0.5, z 2.3 (2408 items)``."""
+        p = self.paired
+        z = f"{p.z:.1f}" if math.isfinite(p.z) else ("inf" if p.z > 0 else "-inf")
+        return (f"trial {self.a} vs trial {self.b}: {100 * p.diff:+.1f} points, paired SE {100 * p.stderr:.1f}, "
+                f"z {z} ({p.n} items)")
+
+
 class RunOutcome(Record):
-    """What one trial measured. ``pruned`` is the cut's reason when the trial stopped early."""
+    """What one trial measured. ``pruned`` is the cut's reason when the trial stopped early.
+
+    ``eval`` is the score on the trial's largest item set; ``rungs`` the ladder it climbed.
+    """
 
     apply: ApplyReport | None = None
     quick: QuickLook | None = None
     pruned: str | None = None
     eval: EvalResult | None = None
+    rungs: tuple[RungScore, ...] = ()
     comparison: Comparison | None = None
     durations_s: dict[str, float] = {}
 
@@ -98,16 +139,43 @@ class TrialRecord(Record):
     # these are the confirmed figures (the search-time ones above stay as they were read).
     confirmed: Comparison | None = None
     confirmed_grade: Grade | None = None
+    # The accuracy ladder: rungs[k] is the score on the k-th item set (eval is the last one,
+    # baseline_accuracy the baseline's on the same items); final is the finalists' scoring after
+    # the budget (final_eval its per-task scores).
+    rungs: tuple[RungScore, ...] = ()
+    final: RungScore | None = None
+    final_eval: EvalResult | None = None
 
     def confirmed_view(self) -> TrialRecord:
-        """This record with its confirmed figures in place of the search-time ones (itself when unconfirmed)."""
-        if self.confirmed is None or self.confirmed_grade is None:
-            return self
-        c, g = self.confirmed, self.confirmed_grade
-        relative = g.metric == "eei"
-        energy = c.eei if relative else c.candidate.joules_per_token
-        ci = c.eei_ci if relative else c.candidate.joules_per_token_ci
-        return self.model_copy(update={"comparison": c, "grade": g, "energy": energy, "energy_ci": ci})
+        """This record with its after-the-budget figures (confirmed energy, final accuracy) in place
+        of the search-time ones (itself when it has none)."""
+        update: dict[str, Any] = {}
+        if self.confirmed is not None and self.confirmed_grade is not None:
+            c, g = self.confirmed, self.confirmed_grade
+            relative = g.metric == "eei"
+            update = {"comparison": c, "grade": g, "energy": c.eei if relative else c.candidate.joules_per_token,
+                      "energy_ci": c.eei_ci if relative else c.candidate.joules_per_token_ci}
+        if self.final is not None and self.final_eval is not None:
+            update.update(eval=self.final_eval, baseline_accuracy=self.final.baseline_accuracy,
+                          rungs=(*self.rungs, self.final))
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def accuracy_delta(self) -> float | None:
+        """Mean accuracy minus the baseline's on the same items (paired; negative = a loss)."""
+        if self.rungs:
+            return self.rungs[-1].delta
+        drop = self.accuracy_drop
+        return None if drop is None else -drop
+
+    @property
+    def search_accuracy(self) -> float | None:
+        """Mean accuracy on the first rung's scale: the baseline's first-rung accuracy plus this trial's
+        paired difference on its largest item set. What the sampler is told and the front is drawn on,
+        so trials scored on different item sets compare fairly; the plain mean for unladdered records."""
+        if not self.rungs or self.mean_accuracy is None:
+            return self.mean_accuracy
+        return self.rungs[0].baseline_accuracy + self.rungs[-1].delta
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -184,6 +252,8 @@ class FrontRow(Record):
     confirmed: bool = False  # figures from the confirmation's fresh comparisons, not the search's one
     search_energy: float | None = None  # the search-time figure, shown beside a confirmed one
     search_display: str | None = None
+    items_per_task: int | None = None  # the item set the accuracy is on (None: full sets)
+    accuracy_drop_se: float | None = None  # paired standard error of accuracy_drop
 
 
 class SearchResult(Record):
@@ -212,4 +282,6 @@ class SearchResult(Record):
     estimated: bool = False
     duration_s: float = 0.0
     confirm_s: float = 0.0  # of duration_s: re-measuring the pick and runner-ups after the budget
+    finalists: tuple[FinalistTest, ...] = ()  # the chosen trial against each other finalist, paired
+    final_s: float = 0.0  # of duration_s: scoring the finalists and the baseline on the final item set
     plots: dict[str, str] = {}

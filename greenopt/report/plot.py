@@ -111,8 +111,8 @@ def render_front(result: SearchResult) -> Any:
     tasks = list(result.front[0].accuracy) if result.front else []
     title = f"Pareto front: accuracy vs {unit} (target {result.target}, scheme {result.scheme})"
     table = Table(title=title)
-    for col in ["", "trial", "variant", *tasks, "mean acc", "J/token [95%]", "EEI [95%]", "class", "measured",
-                "MB", "tok/s"]:
+    for col in ["", "trial", "variant", *tasks, "mean acc (vs base, paired 95%)", "items", "J/token [95%]",
+                "EEI [95%]", "class", "measured", "MB", "tok/s"]:
         table.add_column(col, justify="left" if col in ("variant", "class", "measured") else "right")
     on_front = {r.number for r in result.front}
     extra = [r for r in result.trials if r.confirmed and r.number not in on_front]
@@ -120,10 +120,13 @@ def render_front(result: SearchResult) -> Any:
         mark = "*" if r.chosen else ("base" if r.is_baseline else ("conf" if r.number not in on_front else ""))
         measured = (f"confirmed (search read {r.search_display})" if r.confirmed
                     else "baseline" if r.is_baseline else "one comparison, in-run")
-        drop = f" ({-r.accuracy_drop:+.3f})" if r.accuracy_drop is not None and not r.is_baseline else ""
+        drop = ""
+        if r.accuracy_drop is not None and not r.is_baseline:
+            se = f" ±{196 * r.accuracy_drop_se:.1f}" if r.accuracy_drop_se is not None else ""
+            drop = f" ({-100 * r.accuracy_drop:+.1f}{se} pts)"
         table.add_row(
             mark, str(r.number), r.steps, *[f"{r.accuracy.get(t, float('nan')):.3f}" for t in tasks],
-            f"{r.mean_accuracy:.3f}{drop}",
+            f"{r.mean_accuracy:.3f}{drop}", "all" if r.items_per_task is None else str(r.items_per_task),
             f"{r.joules_per_token:.4g} [{r.joules_per_token_ci[0]:.4g}, {r.joules_per_token_ci[1]:.4g}] {r.tier}",
             f"{r.eei:.1f} [{r.eei_ci[0]:.1f}, {r.eei_ci[1]:.1f}]", r.display, measured,
             f"{r.weight_bytes / 1e6:.1f}" if r.weight_bytes is not None else "-", f"{r.tokens_per_s:.1f}",

@@ -53,6 +53,7 @@ import greenopt.search.confirm as confirm
 import greenopt.search.failures as failures
 import greenopt.search.pareto as pareto
 import greenopt.search.rundir as rundir
+import greenopt.search.rungs as rungs
 import greenopt.search.space as space
 import greenopt.search.storage as study_storage
 from greenopt.search.runner import Cuts, Progress, TransformersRunner, TrialRunner, cuts_for
@@ -122,9 +123,12 @@ def search(spec: SearchSpec, *, runner: TrialRunner | None = None, progress: Pro
         except _RepeatedFailure:  # write what ran before stopping, then say why
             write_json(rd.result, _result(study, spec, target, rd, storage_url, False, time.monotonic() - t0))
             raise
-        confirm_s = 0.0 if interrupted else confirm.confirm(study, spec, target, runner, rd, progress)
+        confirm_s = final_s = 0.0
+        if not interrupted:
+            confirm_s = confirm.confirm(study, spec, target, runner, rd, progress)
+            final_s = rungs.score_finalists(study, spec, target, runner, rd, progress)
         result = _result(study, spec, target, rd, storage_url, interrupted, time.monotonic() - t0)
-        result = result.model_copy(update={"confirm_s": confirm_s})
+        result = result.model_copy(update={"confirm_s": confirm_s, "final_s": final_s})
         write_json(rd.result, result)
         return result
 
@@ -333,7 +337,7 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
                 rec = rec.model_copy(update={"constraint": _constraint(ctx, rec)})
             else:
                 outcome = ctx.runner.run(variant, cut=None if variant.is_baseline else ctx.cuts,
-                                         progress=ctx.progress)
+                                         promote=_promoter(ctx), progress=ctx.progress)
                 rec = _record(ctx, base, outcome)
     except KeyboardInterrupt:
         _finish(ctx, trial, TrialRecord(**base, state="FAIL", reason="interrupted", lost=True,
@@ -355,9 +359,17 @@ def _run_trial(ctx: _Ctx, trial: optuna.Trial) -> TrialRecord:
     return rec
 
 
+def _promoter(ctx: _Ctx) -> Callable[..., bool]:
+    def promote(rung: int, score: Any, comparison: Any) -> bool:
+        return rungs.promote(study_storage.records(ctx.study), rung, score, comparison, ctx.goal,
+                             ctx.spec.fidelity.promote_eta)
+    return promote
+
+
 def _record(ctx: _Ctx, base: dict[str, Any], out: RunOutcome) -> TrialRecord:
-    common = dict(base, apply=out.apply, quick=out.quick, durations_s=out.durations_s,
-                  baseline_accuracy=ctx.runner.baseline_eval.mean_accuracy)
+    baseline = out.rungs[-1].baseline_accuracy if out.rungs else ctx.runner.baseline_eval.mean_accuracy
+    common = dict(base, apply=out.apply, quick=out.quick, durations_s=out.durations_s, baseline_accuracy=baseline,
+                  rungs=out.rungs)
     if out.pruned:
         rec = TrialRecord(**common, state="PRUNED", reason=out.pruned)
         return rec.model_copy(update={"constraint": _constraint(ctx, rec)})
@@ -394,7 +406,7 @@ def _finish(ctx: _Ctx, trial: optuna.Trial, rec: TrialRecord) -> None:
             for key, value in zip(("class", "accuracy_drop"), rec.constraint):
                 trial.set_constraint(key, value)
         if rec.state == "COMPLETE":
-            ctx.study.tell(trial, [rec.mean_accuracy, rec.energy])
+            ctx.study.tell(trial, [rec.search_accuracy, rec.energy])
         else:
             ctx.study.tell(trial, state=TrialState.PRUNED if rec.state == "PRUNED" else TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError as e:
@@ -486,6 +498,7 @@ def _result(study: optuna.Study, spec: SearchSpec, target: Goal, rd: rundir.RunD
         chosen_variant=chosen_variant,
         chosen_path=chosen_path, export_command=export,
         unreachable=None if chosen else pareto.unreachable([r.confirmed_view() for r in recs], target),
+        finalists=rungs.finalist_tests(recs, chosen),
         interrupted=interrupted, stop_reason=study.user_attrs.get(STOP_REASON_ATTR),
         estimated=any(r.estimated for r in rows), duration_s=duration_s,
     )

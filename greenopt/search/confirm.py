@@ -19,7 +19,7 @@ from greenopt.records import TrialRecord
 import greenopt.search.pareto as pareto
 import greenopt.search.rundir as rundir
 import greenopt.search.storage as study_storage
-from greenopt.search.failures import expected, reason
+from greenopt.search.failures import attempt
 from greenopt.search.runner import Progress, TrialRunner
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,9 @@ def confirm(study: optuna.Study, spec: SearchSpec, target: Goal, runner: TrialRu
             continue
         if progress:
             progress("confirm", i, len(todo))
-        try:
-            cmp = runner.confirm(rec.variant, spec.confirm_comparisons, progress=progress)
-        except Exception as e:  # noqa: BLE001 - a bug is re-raised just below
-            if not expected(e):
-                raise
-            log.warning("could not confirm trial %d: %s", rec.number, reason(e))
+        cmp = attempt(f"confirm trial {rec.number}",
+                      lambda rec=rec: runner.confirm(rec.variant, spec.confirm_comparisons, progress=progress))
+        if cmp is None:
             continue
         grade = (grade_comparison(cmp, target.scheme) if target.scheme.relative
                  else grade_measurement(cmp.candidate, target.scheme))

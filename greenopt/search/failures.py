@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import traceback as _tb
+from collections.abc import Callable
+from typing import TypeVar
 
 from greenopt.errors import GreenoptError
 
@@ -11,6 +14,9 @@ from greenopt.errors import GreenoptError
 # else (TypeError, KeyError, AssertionError, NotImplementedError, ...) is a bug: re-raised.
 EXPECTED = (GreenoptError, MemoryError, RuntimeError)
 BUGS = (NotImplementedError, RecursionError)  # RuntimeError subclasses that mean a bug
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def expected(e: BaseException) -> bool:
@@ -28,3 +34,14 @@ def reason(e: BaseException) -> str:
     kind = "out of memory" if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else type(e).__name__
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{kind}: {text}"[:500] if text else kind
+
+
+def attempt(what: str, fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None after logging an expected failure (``could not {what}: ...``); a bug is re-raised."""
+    try:
+        return fn()
+    except Exception as e:
+        if not expected(e):
+            raise
+        log.warning("could not %s: %s", what, reason(e))
+        return None

@@ -27,16 +27,18 @@ def front(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Non-dominated measured trials on (accuracy max, energy min), best accuracy first.
 
     A trial is dominated when another is at least as accurate and at most as costly, and
-    strictly better in one; identical points are all kept.
+    strictly better in one; identical points are all kept. Accuracy is
+    :attr:`~greenopt.records.TrialRecord.search_accuracy` (paired against the baseline, so trials
+    scored on different rungs compare fairly).
     """
-    pts = sorted((r for r in records if r.measured), key=lambda r: (-r.mean_accuracy, r.energy, r.number))
+    pts = sorted((r for r in records if r.measured), key=lambda r: (-r.search_accuracy, r.energy, r.number))
     out: list[TrialRecord] = []
     best_e = math.inf  # lowest energy among strictly better-sorted points
     i = 0
     while i < len(pts):
         j = i
-        key = (pts[i].mean_accuracy, pts[i].energy)
-        while j < len(pts) and (pts[j].mean_accuracy, pts[j].energy) == key:
+        key = (pts[i].search_accuracy, pts[i].energy)
+        while j < len(pts) and (pts[j].search_accuracy, pts[j].energy) == key:
             j += 1
         if key[1] < best_e:
             out.extend(pts[i:j])
@@ -116,7 +118,8 @@ def select(records: Iterable[TrialRecord], goal: Goal) -> TrialRecord | None:
     """The feasible trial with the least accuracy loss versus the baseline (ties: lower energy).
 
     Once the search has confirmed trials (fresh repeated comparisons after the budget), only
-    confirmed trials can be chosen, on their confirmed figures.
+    confirmed trials can be chosen, on their confirmed figures; finalists scored on the final
+    item set are judged on that accuracy (paired against the baseline on the same items).
 
     Args:
         records: trial records of one study.
@@ -128,8 +131,8 @@ def select(records: Iterable[TrialRecord], goal: Goal) -> TrialRecord | None:
     """
     records = list(records)
     if any(r.confirmed is not None for r in records):  # confirmed figures decide, and only they
-        records = [r.confirmed_view() for r in records if r.confirmed is not None]
-    ok = [r for r in records if feasible(r, goal)]
+        records = [r for r in records if r.confirmed is not None]
+    ok = [r for r in (r.confirmed_view() for r in records) if feasible(r, goal)]
     if not ok:
         return None
     return min(ok, key=lambda r: (r.accuracy_drop if r.accuracy_drop is not None else math.inf,
@@ -192,6 +195,7 @@ def row(record: TrialRecord, *, chosen: bool = False, on_front: bool = False) ->
     """The table row of a measured record (``record.measured`` must hold); a confirmed record
     shows its confirmed figures with the search-time ones beside them."""
     searched = record
+    confirmed = record.confirmed is not None and record.confirmed_grade is not None
     record = record.confirmed_view()
     c, g = record.comparison, record.grade
     assert c is not None and g is not None and record.eval is not None
@@ -203,9 +207,11 @@ def row(record: TrialRecord, *, chosen: bool = False, on_front: bool = False) ->
         joules_per_token=c.candidate.joules_per_token, joules_per_token_ci=c.candidate.joules_per_token_ci,
         tier=c.tier, eei=c.eei, eei_ci=c.eei_ci, display=g.display, worst_letter=g.worst_letter,
         estimated=g.estimated, weight_bytes=record.apply.weight_bytes_after if record.apply else None,
-        tokens_per_s=c.candidate.tokens_per_s, confirmed=record is not searched,
-        search_energy=searched.energy if record is not searched else None,
-        search_display=searched.grade.display if record is not searched and searched.grade else None,
+        tokens_per_s=c.candidate.tokens_per_s, confirmed=confirmed,
+        search_energy=searched.energy if confirmed else None,
+        search_display=searched.grade.display if confirmed and searched.grade else None,
+        items_per_task=record.eval.limit,
+        accuracy_drop_se=record.rungs[-1].paired.stderr if record.rungs and record.rungs[-1].paired else None,
     )
 
 

@@ -5,11 +5,13 @@ the baseline), then ``run(variant, cut=...)`` per trial, returning a :class:`Run
 :class:`TransformersRunner` is the real one; ``greenopt.testing.search.FakeRunner`` is a
 deterministic surrogate for tests and benchmarks.
 
-A run has two fidelities. The quick look (perplexity on held-aside text, then a short
-energy comparison under the ``quick`` protocol) is offered to ``cut``; a cut returns a
-reason and the trial ends there as pruned. Otherwise the variant gets the full evaluation
-(lm-eval tasks) and a comparison against the baseline under the full protocol, on the same
-device and meter, which is the only figure that is ever graded.
+A run climbs a fidelity ladder. The quick look (KL from the baseline and perplexity on
+held-aside text, then a short energy comparison under the ``quick`` protocol) is offered to
+``cut``; a cut returns a reason and the trial ends there as pruned. Otherwise the variant is
+scored on the first accuracy rung (lm-eval tasks, paired against the baseline on the same
+items) and compared against the baseline under the full protocol, on the same device and
+meter, which is the only figure that is ever graded; ``promote`` then decides whether it is
+scored on the next, larger item set (successive halving, :mod:`greenopt.search.rungs`).
 
 Example:
     >>> from greenopt.config import SearchSpec, Variant
@@ -36,17 +38,20 @@ from greenopt.config import SearchSpec, SpaceSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.evaluate.fidelity import baseline_reference, kl_cut_for_drop, kl_look
+from greenopt.evaluate.paired import rung_score
 from greenopt.label import Goal
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, compare_repeated
 from greenopt.models import load_model
-from greenopt.records import Comparison, EvalResult, QuickLook, RunOutcome
+from greenopt.records import Comparison, EvalResult, QuickLook, RungScore, RunOutcome
 from greenopt.runtimes import as_runtime, deploy
 from greenopt.search.machine import space_for_machine
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+#: ``promote(rung, score, comparison)``: whether a trial scored on rung ``rung`` climbs to the next.
+Promote = Callable[[int, RungScore, Comparison], bool]
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,18 @@ class TrialRunner(Protocol):
 
     @property
     def baseline_eval(self) -> EvalResult:
-        """The baseline's accuracy, scored once per process."""
+        """The baseline's accuracy on the first rung, scored once per process."""
 
-    def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
-        """Applies ``variant`` to a fresh copy of the baseline, looks, maybe cuts, evaluates, compares."""
+    def run(self, variant: Variant, *, cut: Cuts | None = None, promote: Promote | None = None,
+            progress: Progress | None = None) -> RunOutcome:
+        """Applies ``variant`` to a fresh copy of the baseline, looks, maybe cuts, evaluates, compares,
+        and climbs the accuracy rungs while ``promote`` says so."""
+
+    def baseline_score(self, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        """The baseline on ``limit`` items per task (None: full sets), per item; cached per limit."""
+
+    def score(self, variant: Variant, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        """``variant`` deployed afresh and scored on ``limit`` items per task, per item (the finalists)."""
 
     def environment(self) -> dict[str, Any]:
         """Facts about the model, device and meter for ``environment.json``."""
@@ -151,7 +164,7 @@ class TransformersRunner:
         self._device_arg = device or spec.device
         self._info: Any = None
         self._ctx: Any = None
-        self._baseline_eval: EvalResult | None = None
+        self._baseline_evals: dict[int | None, EvalResult] = {}
         self._baseline_ppl: float | None = None
         self._windows: Any = None
         self._left_out: dict[str, str] = {}
@@ -160,7 +173,7 @@ class TransformersRunner:
     # ------------------------------------------------------------------ setup
 
     def prepare(self, progress: Progress | None = None) -> None:
-        if self._baseline_eval is not None:
+        if self._baseline_evals:
             return
 
         validate_tasks(self.spec.fidelity.eval.tasks)
@@ -178,8 +191,7 @@ class TransformersRunner:
         if self.spec.fidelity.perplexity_windows:
             self._baseline_ppl = self._perplexity(self._model)
         log.info("scoring the baseline on %s", ", ".join(self.spec.fidelity.eval.tasks))
-        self._baseline_eval = evaluate(self._model, self._tok, self.spec.fidelity.eval,
-                                       progress=_prefixed(progress, "baseline eval"))
+        self.baseline_score(self.spec.fidelity.ladder[0], progress=progress)
 
     @property
     def num_layers(self) -> int:
@@ -191,9 +203,29 @@ class TransformersRunner:
 
     @property
     def baseline_eval(self) -> EvalResult:
-        if self._baseline_eval is None:
+        first = self.spec.fidelity.ladder[0]
+        if first not in self._baseline_evals:
             raise RuntimeError("call prepare() first")
-        return self._baseline_eval
+        return self._baseline_evals[first]
+
+    def baseline_score(self, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        if limit not in self._baseline_evals:
+            self._baseline_evals[limit] = evaluate(self._need_model(), self._tok, self._eval_spec(limit),
+                                                   progress=_prefixed(progress, "baseline eval"), keep_items=True)
+        return self._baseline_evals[limit]
+
+    def score(self, variant: Variant, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        cand = copy.deepcopy(self._need_model())
+        try:
+            cand, _ = deploy(cand, self._tok, variant, ctx=self._ctx)
+            return evaluate(cand, self._tok, self._eval_spec(limit), progress=_prefixed(progress, "final eval"),
+                            keep_items=True)
+        finally:
+            del cand
+            _free()
+
+    def _eval_spec(self, limit: int | None) -> Any:
+        return self.spec.fidelity.eval.model_copy(update={"limit": limit})
 
     def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
         narrowed, self._left_out = space_for_machine(space, resolve_device(self._device_arg), kernels_path)
@@ -218,7 +250,8 @@ class TransformersRunner:
 
     # ------------------------------------------------------------------ one trial
 
-    def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
+    def run(self, variant: Variant, *, cut: Cuts | None = None, promote: Promote | None = None,
+            progress: Progress | None = None) -> RunOutcome:
         base = self._need_model()
         fid = self.spec.fidelity
         times: dict[str, float] = {}
@@ -232,18 +265,32 @@ class TransformersRunner:
                 quick, reason = self._quick_look(base, cand, cut, progress, times)
                 if reason:
                     return RunOutcome(apply=report, quick=quick, pruned=reason, durations_s=times)
-            t = time.perf_counter()
-            ev = self.baseline_eval if variant.is_baseline else evaluate(
-                cand, self._tok, fid.eval, progress=_prefixed(progress, "eval"))
-            times["eval_s"] = time.perf_counter() - t
+            ev, rungs = self._climb(cand, variant, 0, progress, times)
             t = time.perf_counter()
             cmp = compare(base, cand, self._tok, protocol_preset(fid.protocol), self._meter,
                           progress=_prefixed(progress, "measure"))
             times["measure_s"] = time.perf_counter() - t
-            return RunOutcome(apply=report, quick=quick, eval=ev, comparison=cmp, durations_s=times)
+            ladder = fid.ladder
+            while promote is not None and not variant.is_baseline and len(rungs) < len(ladder) \
+                    and promote(len(rungs) - 1, rungs[-1], cmp):
+                ev, more = self._climb(cand, variant, len(rungs), progress, times)
+                rungs += more
+            return RunOutcome(apply=report, quick=quick, eval=ev, rungs=tuple(rungs), comparison=cmp,
+                              durations_s=times)
         finally:
             del cand
             _free()
+
+    def _climb(self, cand: Any, variant: Variant, rung: int, progress: Progress | None,
+               times: dict[str, float]) -> tuple[EvalResult, list[RungScore]]:
+        """Scores the candidate on rung ``rung``, paired against the baseline on the same items."""
+        limit = self.spec.fidelity.ladder[rung]
+        base_ev = self.baseline_score(limit, progress=progress)
+        t = time.perf_counter()
+        ev = base_ev if variant.is_baseline else evaluate(
+            cand, self._tok, self._eval_spec(limit), progress=_prefixed(progress, "eval"), keep_items=True)
+        times["eval_s" if rung == 0 else f"eval_rung{rung}_s"] = time.perf_counter() - t
+        return ev, [rung_score(ev, base_ev)]
 
     def confirm(self, variant: Variant, repeats: int, *, progress: Progress | None = None) -> Comparison:
         base = self._need_model()

@@ -28,7 +28,7 @@ from sqlalchemy import exc as sa_exc
 from greenopt.config import SearchSpec
 from greenopt.errors import ConfigError
 from greenopt.label import LabelScheme, load_scheme
-from greenopt.records import Comparison, Grade, TrialRecord
+from greenopt.records import Comparison, EvalResult, Grade, RungScore, TrialRecord
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -335,6 +335,10 @@ def records(study: optuna.Study) -> list[TrialRecord]:
         if conf is not None:
             rec = rec.model_copy(update={"confirmed": Comparison.model_validate(conf["comparison"]),
                                          "confirmed_grade": Grade.model_validate(conf["grade"])})
+        final = attrs.get(f"{FINAL_ATTR}.{rec.number}")
+        if final is not None:
+            rec = rec.model_copy(update={"final": RungScore.model_validate(final["score"]),
+                                         "final_eval": EvalResult.model_validate(final["eval"])})
         out.append(rec)
     return sorted(out, key=lambda r: r.number)
 
@@ -347,6 +351,16 @@ def save_confirmation(study: optuna.Study, number: int, comparison: Comparison, 
     attributes cannot change); :func:`records` merges them into the trial's record."""
     study.set_user_attr(f"{CONFIRMED_ATTR}.{number}", {"comparison": comparison.model_dump(mode="json"),
                                                        "grade": grade.model_dump(mode="json")})
+
+
+FINAL_ATTR = "greenopt.final"
+
+
+def save_final(study: optuna.Study, number: int, score: RungScore, result: EvalResult) -> None:
+    """Stores trial ``number``'s finalist scoring (accuracy on the final item set, per item) as a
+    study attribute; :func:`records` merges it into the trial's record."""
+    study.set_user_attr(f"{FINAL_ATTR}.{number}", {"score": score.model_dump(mode="json"),
+                                                   "eval": result.model_dump(mode="json")})
 
 
 def objective_names(scheme: LabelScheme) -> tuple[str, str]:

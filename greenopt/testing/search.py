@@ -17,6 +17,12 @@ mistaken for a real label.
 
 Hooks for failure tests: ``fail`` maps a variant to an exception to raise (or None), and
 ``calls`` lists the hashes of variants actually run (cache hits never reach the runner).
+
+Accuracy comes per item, on nested item sets: item ``j`` of a task is right when a fixed
+low-discrepancy number ``u_j`` is below the variant's accuracy, so any prefix of ``n`` items
+scores within about ``1/n`` of it, and two variants are paired the way real ones are (a worse
+variant misses the items a better one misses, and some more). ``ladder`` gives the items per
+task of each rung (as ``FidelitySpec.ladder``); ``promoted`` lists ``(hash, rung)`` climbs.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from greenopt.config import SpaceSpec, Variant, parse_layers
+from greenopt.evaluate.paired import rung_score
 from greenopt.measure import stats
 from greenopt.records import (
     Comparison,
@@ -40,12 +47,14 @@ from greenopt.records import (
     Tier,
     TrialFigures,
 )
-from greenopt.search.runner import Cuts, Progress
+from greenopt.search.runner import Cuts, Progress, Promote
 
 BASE_ACCURACY = {"arc_easy": 0.60, "piqa": 0.66}
 CHANCE = {"arc_easy": 0.25, "piqa": 0.5}
 BASE_JOULES_PER_TOKEN = 0.5
 BASE_PERPLEXITY = 12.0
+FULL_ITEMS = {"arc_easy": 570, "piqa": 1838}  # the full set of a task (others: 500)
+_GOLDEN = (math.sqrt(5) - 1) / 2
 _Q_ENERGY = {16: 1.0, 8: 0.62, 4: 0.45, 3: 0.55, 2: 0.6}  # 3/2-bit: no fast kernel
 _Q_LOSS = {16: 0.0, 8: 0.0002, 4: 0.002, 3: 0.008, 2: 0.03}
 _ATTN, _FFN, _HEAD, _MISC = 0.3, 0.7, 0.1, 0.1  # shares: within a layer; of the whole
@@ -159,12 +168,15 @@ class FakeRunner:
                  device_name: str = "fake device", fail: Callable[[Variant], BaseException | None] | None = None,
                  half_width: float | None = None, sleep_s: float = 0.0,
                  protocol_id: str = "GO-1/b1/p64-n32",
-                 confirm_eei: Callable[[Variant, float], float] | None = None) -> None:
+                 confirm_eei: Callable[[Variant, float], float] | None = None,
+                 ladder: tuple[int | None, ...] = (100,)) -> None:
         self._layers, self.tasks, self.tier, self._device = num_layers, tasks, tier, device_name
         self.fail, self.half_width, self.sleep_s, self.protocol_id = fail, half_width, sleep_s, protocol_id
-        self.confirm_eei = confirm_eei
+        self.confirm_eei, self.ladder = confirm_eei, ladder
         self.calls: list[str] = []
         self.confirmed: list[str] = []
+        self.scored: list[tuple[str, int | None]] = []
+        self.promoted: list[tuple[str, int]] = []
         self.prepared = False
 
     def prepare(self, progress: Progress | None = None) -> None:
@@ -180,7 +192,15 @@ class FakeRunner:
 
     @property
     def baseline_eval(self) -> EvalResult:
-        return self._eval(0.0)
+        return self._eval(0.0, self.ladder[0])
+
+    def baseline_score(self, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        return self._eval(0.0, limit)
+
+    def score(self, variant: Variant, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
+        """The variant's surrogate accuracy on ``limit`` items per task (the finalists' scoring)."""
+        self.scored.append((variant.hash, limit))
+        return self._eval(surrogate(variant, self._layers)[1], limit)
 
     def environment(self) -> dict[str, Any]:
         return {"model": "fake", "device": {"name": self._device, "kind": "cpu"}, "meter": "fake",
@@ -189,7 +209,8 @@ class FakeRunner:
     def close(self) -> None:
         pass
 
-    def run(self, variant: Variant, *, cut: Cuts | None = None, progress: Progress | None = None) -> RunOutcome:
+    def run(self, variant: Variant, *, cut: Cuts | None = None, promote: Promote | None = None,
+            progress: Progress | None = None) -> RunOutcome:
         if not self.prepared:
             raise RuntimeError("call prepare() first")
         self.calls.append(variant.hash)
@@ -214,7 +235,16 @@ class FakeRunner:
         else:
             quick = None
         cmp = fake_comparison(eei, hw, tier=self.tier, device=self._device, protocol_id=self.protocol_id)
-        return RunOutcome(quick=quick, eval=self._eval(loss), comparison=cmp, durations_s={"fake_s": self.sleep_s})
+        ev = self._eval(loss, self.ladder[0])
+        rungs = [rung_score(ev, self._eval(0.0, self.ladder[0]))]
+        while promote is not None and not variant.is_baseline and len(rungs) < len(self.ladder) \
+                and promote(len(rungs) - 1, rungs[-1], cmp):
+            self.promoted.append((variant.hash, len(rungs)))
+            limit = self.ladder[len(rungs)]
+            ev = self._eval(loss, limit)
+            rungs.append(rung_score(ev, self._eval(0.0, limit)))
+        return RunOutcome(quick=quick, eval=ev, rungs=tuple(rungs), comparison=cmp,
+                          durations_s={"fake_s": self.sleep_s})
 
     def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
         """The space as given: the fake runs every choice equally well."""
@@ -232,13 +262,17 @@ class FakeRunner:
         cmp = fake_comparison(point, 0.0, tier=self.tier, device=self._device, protocol_id=self.protocol_id)
         return cmp.model_copy(update={"eei_ci": ci, "interval": "repeated", "runs": tuple(runs)})
 
-    def _eval(self, loss: float) -> EvalResult:
+    def _eval(self, loss: float, limit: int | None) -> EvalResult:
         scores = []
         for i, t in enumerate(self.tasks):
             base, chance = BASE_ACCURACY.get(t, 0.5), CHANCE.get(t, 0.25)
-            value = max(chance, base - loss * (1.0 + 0.2 * i))
-            scores.append(TaskScore(task=t, metric="acc_norm", value=round(value, 6), n=100))
-        return EvalResult(scores=tuple(scores), limit=100, seed=1234)
+            p = max(chance, base - loss * (1.0 + 0.2 * i))
+            full = FULL_ITEMS.get(t, 500)
+            n = full if limit is None else min(limit, full)
+            offset = _unit(t)
+            items = tuple(float((j * _GOLDEN + offset) % 1.0 < p) for j in range(n))
+            scores.append(TaskScore(task=t, metric="acc_norm", value=sum(items) / n, n=n, items=items))
+        return EvalResult(scores=tuple(scores), limit=limit, seed=1234)
 
 
 def _unit(text: str) -> float:
