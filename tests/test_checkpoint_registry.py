@@ -36,7 +36,8 @@ def _tamper(folder, edit):
 
 
 def test_every_kind_greenopt_writes_is_registered():
-    assert set(checkpoint.KINDS) == {"packed_linear", "packed_embedding", "bnb_4bit", "bnb_int8", "tensor_subclass"}
+    assert set(checkpoint.KINDS) == {"packed_tied", "packed_linear", "packed_embedding", "bnb_4bit", "bnb_int8",
+                                     "tensor_subclass"}
 
 
 def test_a_manifest_naming_an_unknown_kind_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Quantize step: every method on a tiny llama, overrides, untie, packing, errors, determinism."""
+"""Quantize step: every method on a tiny llama, overrides, tied head, packing, errors, determinism."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from greenopt.compress import ApplyContext, accounting, apply, check
 from greenopt.compress.q_gptq import gptq_weight
 from greenopt.compress.q_packed import PackedEmbedding, PackedLinear, pack, unpack
 from greenopt.compress.q_rtn import quantize_weight
+from greenopt.compress.q_tied import PackedTied
 from greenopt.config import QuantizeStep, QuantOverride, Target, Variant
 from greenopt.errors import MoveError
 from greenopt.testing import tiny_llama
@@ -105,20 +106,18 @@ def test_overrides_first_match_wins_and_16_leaves_untouched():
     assert bits["lm_head"] == 8.5
     assert report.steps[0].modules == 14 - 1 + 1
     assert any("left at 16 bits" in n for n in report.steps[0].notes)
-    assert any("untied lm_head" in n for n in report.steps[0].notes)
+    assert any(n.startswith("tied: lm_head and model.embed_tokens") for n in report.steps[0].notes)
 
 
-def test_lm_head_untie_keeps_embedding_dense():
+def test_tied_lm_head_stays_tied_with_the_embedding():
     m = _model()
-    embed = m.model.embed_tokens.weight.detach().clone()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     m2, ref, report = _quantized(QuantizeStep(method="rtn", bits=8, group_size=32,
                                               target=Target(include=("lm_head",))), model=m)
-    assert isinstance(m.lm_head, PackedLinear) and type(m.model.embed_tokens) is torch.nn.Embedding
-    assert torch.equal(m.model.embed_tokens.weight, embed)
-    assert m.config.tie_word_embeddings is False
-    assert "untied lm_head" in report.steps[0].notes[0]
-    assert _sqnr_db(ref, _logits(m)) > 35
+    assert isinstance(m.lm_head, PackedTied) and m.model.embed_tokens is m.lm_head
+    assert m.config.tie_word_embeddings is True
+    assert report.steps[0].notes[0].startswith("tied: lm_head and model.embed_tokens share one int8 tensor")
+    assert _sqnr_db(ref, _logits(m)) > 28  # the embedding is quantized too (more than 35 dB with the head alone)
 
 
 def test_embedding_rtn_lookup_dequantizes_rows():
@@ -127,14 +126,23 @@ def test_embedding_rtn_lookup_dequantizes_rows():
     report = apply(m, Variant(steps=[QuantizeStep(method="rtn", bits=4, group_size=32,
                                                   target=Target(include=("model.embed_tokens",)))]))
     emb = m.model.embed_tokens
-    assert isinstance(emb, PackedEmbedding) and type(m.lm_head) is torch.nn.Linear
+    assert isinstance(emb, PackedTied) and m.lm_head is emb  # tied: the head shares the codes
     assert torch.equal(emb(IDS), emb.dequantize()[IDS])
     assert _sqnr_db(dense, emb.dequantize()) > 18
-    assert "keeps the dense weight" in report.steps[0].notes[0]
+    assert report.steps[0].notes[0].startswith("tied: lm_head and model.embed_tokens share one int4 tensor")
+
+
+def test_untied_embedding_rtn_lookup_dequantizes_rows():
+    m = tiny_llama(layers=2, hidden=128, intermediate=256, tie_embeddings=False)
+    apply(m, Variant(steps=[QuantizeStep(method="rtn", bits=4, group_size=32,
+                                         target=Target(include=("model.embed_tokens",)))]))
+    emb = m.model.embed_tokens
+    assert isinstance(emb, PackedEmbedding) and type(m.lm_head) is torch.nn.Linear
+    assert torch.equal(emb(IDS), emb.dequantize()[IDS])
 
 
 def test_star_pattern_never_selects_embeddings():
-    m = _model()
+    m = tiny_llama(layers=2, hidden=128, intermediate=256, tie_embeddings=False)
     report = apply(m, Variant(steps=[QuantizeStep(method="hqq", bits=8, group_size=32,
                                                   target=Target(include=("*",), exclude=()))]))
     assert type(m.model.embed_tokens) is torch.nn.Embedding and isinstance(m.lm_head, PackedLinear)

@@ -9,6 +9,8 @@ module itself; its own packed parameters are then not counted) and ``greenopt_ex
 (bytes held outside parameters and buffers, e.g. bitsandbytes quantization state).
 Tensor subclasses that wrap inner tensors (torchao) count by their inner tensors.
 FLOPs count what the kernels execute: unstructured zeros in a dense matmul still cost FLOPs.
+One module placed at two paths (a tied embedding and head sharing one packed tensor) counts
+once in parameters, bytes and FLOPs; :func:`bits_per_layer` lists it under each path.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def flops_per_token(model: torch.nn.Module) -> int:
 def bits_per_layer(model: torch.nn.Module) -> dict[str, float]:
     """Effective stored bits per weight of each Linear-like module (16/32 when dense)."""
     out = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a tied head keeps its own entry
         bits = getattr(m, "greenopt_bits", None)
         if bits is None and isinstance(m, torch.nn.Linear):
             bits = float(m.weight.element_size() * 8)

@@ -16,8 +16,12 @@ bnb_nf4/fp4    4             bitsandbytes 4-bit, ``group_size`` = block size
 torchao_int8   8             torchao int8 weight-only
 =============  ============  =======================================================
 
-A tied ``lm_head`` is untied before it (or the embedding) is quantized, and the model config
-says so. Everything is checked before any work (:func:`check`).
+A tied ``lm_head`` and input embedding (one shared weight, ``tie_word_embeddings``) stay tied:
+when the step quantizes either or both with rtn or hqq, the shared weight is quantized once into
+one packed tensor that serves both (:mod:`greenopt.compress.q_tied`), so the model and its
+checkpoint shrink. Other methods cannot serve an embedding lookup: the head is untied from the
+dense embedding (the model grows; the step's notes say so, and the config says untied).
+Everything is checked before any work (:func:`check`).
 
 Example:
     >>> from greenopt.config import QuantizeStep, QuantOverride, Target, Variant
@@ -39,6 +43,7 @@ import torch
 
 from greenopt.compress import snapshot, step_report
 from greenopt.compress.q_bnb import problem
+from greenopt.compress.q_tied import TIED_METHODS, quantize_pair
 from greenopt.compress.targeting import decoder_layers, in_target, layer_index
 from greenopt.config import QuantizeStep, Target
 from greenopt.errors import MoveError
@@ -71,6 +76,17 @@ class Planned:
     method: str
     bits: int
     group_size: int | None  # resolved: a divisor of the input width for packed methods
+
+
+@dataclass(frozen=True)
+class TiedPair:
+    """An input embedding and a head that share one weight, quantized once for both."""
+
+    embedding: str
+    head: str
+    method: str
+    bits: int
+    group_size: int
 
 
 def _eligible(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -147,9 +163,10 @@ def _resolve(name: str, mod: torch.nn.Module, method: str, bits: int, gs: int | 
 
 def check(model: torch.nn.Module, step: QuantizeStep, ctx) -> None:
     """Raises MoveError if the step cannot apply as configured; does no work."""
-    planned, _ = plan(model, step)
+    planned, kept = plan(model, step)
     if not planned:
         raise MoveError("quantize: every targeted module is overridden to 16 bits; nothing to quantize")
+    _tied_pairs(model, planned, kept)
     for method in sorted({p.method for p in planned}):
         req = BACKENDS[method][1]
         if req and importlib.util.find_spec(req.split("==")[0].replace("-", "_")) is None:
@@ -162,13 +179,52 @@ def check(model: torch.nn.Module, step: QuantizeStep, ctx) -> None:
             decoder_layers(model)
 
 
-def _untie(model: torch.nn.Module, planned: list[Planned]) -> list[str]:
-    """Gives each planned module that shares its weight its own copy; returns notes."""
-    owners: dict[int, list[str]] = {}
+def _sharers(model: torch.nn.Module) -> dict[int, list[tuple[str, torch.nn.Module]]]:
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
     for n, m in model.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.nn.Parameter) and n:
-            owners.setdefault(id(w), []).append(n)
+            owners.setdefault(id(w), []).append((n, m))
+    return owners
+
+
+def _tied_pairs(model: torch.nn.Module, planned: list[Planned], kept: list[str]) -> list[TiedPair]:
+    """The tied embedding/head pairs the step quantizes with a method both can share (rtn, hqq).
+
+    A pair quantized with another method is not returned: :func:`_untie` splits it, as before.
+
+    Raises:
+        MoveError: one of a tied pair is kept at 16 bits while the other is quantized, or the two
+            are given different settings (they are one tensor).
+    """
+    by_name = {p.name: p for p in planned}
+    pairs = []
+    for group in _sharers(model).values():
+        pair = sorted(group, key=lambda nm: not isinstance(nm[1], torch.nn.Embedding))  # embedding first
+        if len(pair) != 2 or not (isinstance(pair[0][1], torch.nn.Embedding) and isinstance(pair[1][1], torch.nn.Linear)):
+            continue
+        emb, head = pair[0][0], pair[1][0]
+        members = [by_name[n] for n in (emb, head) if n in by_name]
+        if not members:
+            continue
+        left = [n for n in (emb, head) if n in kept]
+        if left:
+            other = head if left[0] == emb else emb
+            raise MoveError(f"quantize: {left[0]} is overridden to 16 bits but shares its weight with {other} "
+                            "(tie_word_embeddings), which the step quantizes; quantize both or neither")
+        if len({(p.method, p.bits, p.group_size) for p in members}) > 1:
+            got = "; ".join(f"{p.name}: {_label(p)}" for p in members)
+            raise MoveError(f"quantize: {emb} and {head} share one weight (tie_word_embeddings) but get different "
+                            f"settings ({got}); give both the same method, bits and group_size")
+        p = members[0]
+        if p.method in TIED_METHODS:
+            pairs.append(TiedPair(emb, head, p.method, p.bits, int(p.group_size)))
+    return pairs
+
+
+def _untie(model: torch.nn.Module, planned: list[Planned]) -> list[str]:
+    """Gives each planned module that shares its weight its own copy; returns notes."""
+    owners = {k: [n for n, _ in v] for k, v in _sharers(model).items()}
     notes, names = [], {p.name for p in planned}
     for p in planned:
         sharers = [n for n in owners.get(id(p.module.weight), []) if n != p.name]
@@ -178,7 +234,8 @@ def _untie(model: torch.nn.Module, planned: list[Planned]) -> list[str]:
             p.module.weight = torch.nn.Parameter(p.module.weight.detach().clone(), requires_grad=False)
         dense = [n for n in sharers if n not in names]
         notes.append(f"untied {p.name} from {', '.join(sharers)} (tie_word_embeddings=False)"
-                     + (f"; {', '.join(dense)} keeps the dense weight" if dense else ""))
+                     + (f"; {', '.join(dense)} keeps the dense weight, so the model grows ({p.method} codes "
+                        f"cannot serve both; {' or '.join(TIED_METHODS)} keep them tied)" if dense else ""))
         for cfg in {id(c): c for c in (model.config, _text_config(model)) if c is not None}.values():
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
@@ -204,7 +261,7 @@ def apply(model: torch.nn.Module, step: QuantizeStep, ctx) -> StepReport:
         ctx: the apply context (calibration data for gptq).
 
     Returns:
-        StepReport: modules quantized, bytes before/after, fast_kernel, notes (bits mix, untie).
+        StepReport: modules quantized, bytes before/after, fast_kernel, notes (bits mix, tied or untied).
 
     Raises:
         MoveError: the step cannot apply as configured (same checks as :func:`check`).
@@ -212,9 +269,13 @@ def apply(model: torch.nn.Module, step: QuantizeStep, ctx) -> StepReport:
     check(model, step, ctx)
     planned, kept = plan(model, step)
     before = snapshot(model)
-    notes = _untie(model, planned)
+    pairs = _tied_pairs(model, planned, kept)
+    tied = {n for t in pairs for n in (t.embedding, t.head)}
+    notes = _untie(model, [p for p in planned if p.name not in tied])
+    for t in pairs:
+        notes.extend(quantize_pair(model, t.embedding, t.head, t.method, t.bits, t.group_size))
     for method in _ORDER:
-        items = [p for p in planned if p.method == method]
+        items = [p for p in planned if p.method == method and p.name not in tied]
         if items:
             log.info("quantize: %d modules with %s", len(items), method)
             backend = importlib.import_module(BACKENDS[method][0])

@@ -66,7 +66,11 @@ class SpaceSpec(Strict):
     group_size: int | None = Field(64, ge=1)
     layer_groups: int = Field(3, ge=1, le=16)  # contiguous groups of decoder layers
     split_attn_ffn: bool = True  # attention and FFN of a group get their own bit width
+    # The output head; on a tied model (tie_word_embeddings) also the input embedding: one tensor.
     lm_head_bits: tuple[SpaceBits, ...] = (16,)
+    # The input embedding of an untied model (rtn, rows dequantized on lookup); left out on a
+    # tied model, where it is the head's tensor (greenopt.search.space.space_for_model).
+    embedding_bits: tuple[SpaceBits, ...] = (16,)
     prune: tuple[PrunePattern, ...] = ("unstructured", "2:4")  # "none" always allowed
     prune_method: Literal["magnitude", "wanda"] = "wanda"
     sparsity: tuple[float, float] = (0.1, 0.5)  # unstructured sparsity range (2:4 is 0.5)

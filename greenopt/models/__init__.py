@@ -32,7 +32,7 @@ from greenopt.models.checkpoint import MODULES, load_greenopt
 from greenopt.models.files import _reconvert, check_folder
 from greenopt.records import ModelInfo
 
-__all__ = ["ACCEPTS", "DEFAULT_MODEL_ID", "check_folder", "default_model_dir", "load_model", "resolve"]
+__all__ = ["ACCEPTS", "DEFAULT_MODEL_ID", "check_folder", "default_model_dir", "load_model", "model_config", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,24 @@ def _answers(endpoint: str) -> bool:
     except (OSError, ValueError, http.client.HTTPException):
         return False
     return True
+
+
+def model_config(spec: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The transformers config of ``--model`` ``spec`` without loading weights (None for a hub id,
+    which is not contacted here).
+
+    Raises:
+        ModelError: as :func:`resolve`, or an unreadable config.json.
+    """
+    from transformers import AutoConfig  # lazy: heavy
+
+    source, where = resolve(spec)
+    if source == "hub":
+        return None
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{where}: unreadable config.json ({_first_line(e)})") from None
 
 
 def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu",

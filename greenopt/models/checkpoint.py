@@ -10,7 +10,11 @@
   widths and MoEfied FFNs from ``config.greenopt_width`` / ``config.greenopt_moefy``), swaps
   in each compressed module built from its meta and tensors, then loads the rest strictly.
 
-Kinds: ``packed_linear``/``packed_embedding`` (greenopt rtn/hqq/gptq), ``bnb_4bit``,
+A module placed at two paths (a tied embedding and head sharing one packed tensor,
+``packed_tied``) is stored once, under the path ``named_modules`` gives it first; the manifest's
+``shared_modules`` maps each other path to that one and the loader places the same module there.
+
+Kinds: ``packed_linear``/``packed_embedding``/``packed_tied`` (greenopt rtn/hqq/gptq), ``bnb_4bit``,
 ``bnb_int8`` (bitsandbytes), ``tensor_subclass`` (a Linear whose weight is a wrapper tensor
 subclass such as torchao's ``Int8Tensor``, stored flattened).
 """
@@ -30,6 +34,7 @@ import torch
 from greenopt.compress.moe_module import rebuild_moefied
 from greenopt.compress.q_bnb import _classes, canonical_4bit, quantize_module
 from greenopt.compress.q_packed import PackedEmbedding, PackedLinear
+from greenopt.compress.q_tied import PackedTied
 from greenopt.compress.targeting import set_module
 from greenopt.compress.width import rebuild_width
 from greenopt.errors import ConfigError
@@ -47,6 +52,7 @@ class WeightsPlan:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantization_config: Any = None
     notes: tuple[str, ...] = ()
+    shared: dict[str, str] = field(default_factory=dict)  # other path -> the path a shared module is stored under
 
 
 # ---------------------------------------------------------------------------- classify
@@ -138,6 +144,20 @@ def _describe_packed_linear(name: str, m: torch.nn.Module) -> dict[str, Any] | N
             "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
 
 
+def _describe_packed_tied(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
+    if not isinstance(m, PackedTied):
+        return None
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "bits": m.bits,
+            "group_size": m.group_size, "method": m.method, "padding_idx": m.padding_idx, "bias": m.bias is not None,
+            "dtype": _dtype_name(m.dtype_probe.dtype), "compute_dtype": _dtype_name(m.compute_dtype)}
+
+
+def _shared_paths(model: torch.nn.Module, modules: dict[str, Any]) -> dict[str, str]:
+    first = {id(m): n for n, m in model.named_modules() if n in modules}
+    return {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
+            if id(m) in first and n != first[id(m)]}
+
+
 def _describe_packed_embedding(name: str, m: torch.nn.Module) -> dict[str, Any] | None:
     if not isinstance(m, PackedEmbedding):
         return None
@@ -194,6 +214,7 @@ def plan_weights(model: torch.nn.Module) -> WeightsPlan:
         ConfigError: a module greenopt cannot serialize.
     """
     modules = {n: spec for n, m in model.named_modules() if n and (spec := _classify(n, m)) is not None}
+    shared = _shared_paths(model, modules)
     cfg = model.config
     reasons = []
     if getattr(cfg, "greenopt_width", None):
@@ -202,7 +223,7 @@ def plan_weights(model: torch.nn.Module) -> WeightsPlan:
         reasons.append("MoEfied FFNs (a router picking unweighted channel slices) match no transformers MoE "
                        "architecture; transformers would silently load the dense FFN instead")
     kinds = {s["kind"] for s in modules.values()}
-    if kinds & {"packed_linear", "packed_embedding"}:
+    if any(k.startswith("packed_") for k in kinds):
         methods = sorted({s["meta"]["method"] for s in modules.values() if s["kind"].startswith("packed")})
         reasons.append(f"greenopt's packed {'/'.join(methods)} weights have no transformers quantizer")
     if "tensor_subclass" in kinds:
@@ -217,7 +238,7 @@ def plan_weights(model: torch.nn.Module) -> WeightsPlan:
     if len(bnb_kinds) > 1:
         reasons.append("bitsandbytes modules of different kinds cannot share one BitsAndBytesConfig")
     if reasons:
-        return WeightsPlan(loader="greenopt", reason="; ".join(reasons), modules=modules, notes=notes)
+        return WeightsPlan(loader="greenopt", reason="; ".join(reasons), modules=modules, notes=notes, shared=shared)
     qc = _bnb_config(model, modules) if modules else None
     why = ("bitsandbytes weights with transformers' quantization_config" if qc is not None
            else "an ordinary (possibly smaller) transformers model")
@@ -313,8 +334,10 @@ def _write_weights(model: torch.nn.Module, plan: WeightsPlan, folder: Path) -> N
     aliases = _dedupe(tensors)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS),
               metadata={"format": "pt"})
-    (folder / MODULES).write_text(json.dumps({"format_version": 1, "reason": plan.reason, "modules": plan.modules,
-                                              "aliases": aliases}, indent=2) + "\n", encoding="utf-8")
+    manifest = {"format_version": 1, "reason": plan.reason, "modules": plan.modules, "aliases": aliases}
+    if plan.shared:
+        manifest["shared_modules"] = plan.shared
+    (folder / MODULES).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def _owner(key: str, modules: dict[str, Any]) -> str | None:
@@ -372,14 +395,29 @@ def load_greenopt(folder: Path, *, device: str = "cpu", dtype: str | None = None
             raise ConfigError(f"{folder / MODULES}: {name} has kind {mod_spec.get('kind')!r}, which this greenopt "
                               f"does not load (known: {', '.join(KINDS)})")
         set_module(model, name, kind.build(mod_spec["meta"], sub, name))
+    placed = _place_shared(model, spec, sd, folder)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if _owner(k, spec["modules"]) is None]
+    missing = [k for k in missing if _owner(k, placed) is None]
     if missing or unexpected:
         raise ConfigError(f"{folder}: weights do not match the rebuilt model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); was it written by another greenopt version?")
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.to(device).eval()
+
+
+def _place_shared(model: torch.nn.Module, spec: dict, sd: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
+    """Puts each shared module at its other paths (their tensors are aliases); returns every placed path."""
+    placed = dict(spec["modules"])
+    for path, stored in spec.get("shared_modules", {}).items():
+        if stored not in spec["modules"]:
+            raise ConfigError(f"{folder / MODULES}: shared module {path} points at {stored!r}, which the manifest "
+                              "does not list; was it written by another greenopt version?")
+        for k in [k for k in sd if k.startswith(path + ".")]:
+            del sd[k]
+        set_module(model, path, model.get_submodule(stored))
+        placed[path] = spec["modules"][stored]
+    return placed
 
 
 def _config_dtype(cfg: Any) -> torch.dtype:
@@ -401,6 +439,16 @@ def _build_packed_linear(meta: dict, sub: dict, name: str) -> torch.nn.Module:
     m = PackedLinear(torch.zeros(o, i, dtype=torch.uint8), z, z, meta["bits"], g,
                      torch.zeros(o) if meta["bias"] else None, meta["method"],
                      compute_dtype=getattr(torch, meta.get("compute_dtype", "float32")))
+    return _load_into(m, sub, name)
+
+
+def _build_packed_tied(meta: dict, sub: dict, name: str) -> torch.nn.Module:
+    n, d, g = meta["num_embeddings"], meta["embedding_dim"], meta["group_size"]
+    z = torch.zeros(n, d // g)
+    m = PackedTied(torch.zeros(n, d, dtype=torch.uint8), z, z, meta["bits"], g,
+                   torch.zeros(n) if meta["bias"] else None, meta["method"], getattr(torch, meta["dtype"]),
+                   meta["padding_idx"])
+    m.compute_dtype = getattr(torch, meta["compute_dtype"])
     return _load_into(m, sub, name)
 
 
@@ -451,7 +499,9 @@ def _build_tensor_subclass(meta: dict, sub: dict, name: str) -> torch.nn.Module:
     return m.eval()
 
 
-for _kind in (ModuleKind("packed_linear", _describe_packed_linear, _build_packed_linear),
+# packed_tied first: a PackedTied is also a PackedLinear, and the first kind that describes a module wins.
+for _kind in (ModuleKind("packed_tied", _describe_packed_tied, _build_packed_tied),
+              ModuleKind("packed_linear", _describe_packed_linear, _build_packed_linear),
               ModuleKind("packed_embedding", _describe_packed_embedding, _build_packed_embedding),
               ModuleKind("bnb_4bit", _describe_bnb_4bit, _build_bnb_4bit),
               ModuleKind("bnb_int8", _describe_bnb_int8, _build_bnb_int8),

@@ -42,10 +42,11 @@ from greenopt.evaluate.paired import rung_score
 from greenopt.label import Goal
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare, compare_repeated
-from greenopt.models import load_model
+from greenopt.models import load_model, model_config
 from greenopt.records import Comparison, EvalResult, QuickLook, RungScore, RunOutcome
 from greenopt.runtimes import as_runtime, deploy
 from greenopt.search.machine import space_for_machine
+from greenopt.search.space import space_for_model
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,11 @@ class TransformersRunner:
 
     def fit_space(self, space: SpaceSpec, kernels_path: Path) -> SpaceSpec:
         narrowed, self._left_out = space_for_machine(space, resolve_device(self._device_arg), kernels_path)
+        config = self._model.config if self._model is not None else model_config(
+            self.spec.model, trust_remote_code=self.spec.trust_remote_code)
+        if config is not None:
+            narrowed, for_model = space_for_model(narrowed, config)
+            self._left_out.update(for_model)
         return narrowed
 
     def environment(self) -> dict[str, Any]:

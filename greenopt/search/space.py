@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,10 @@ from greenopt.config import (
     WidthStep,
 )
 
+log = logging.getLogger(__name__)
+
 _PARTS = {"attn": ("*self_attn*",), "ffn": ("*mlp*",), "all": ("*",)}
+_EMBEDDING = ("*embed_tokens",)  # llama/mistral/qwen-style input embedding
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ def dims(spec: SpaceSpec, num_layers: int) -> list[Dim]:
             out += [Dim(f"bits.g{g}.{p}", "cat", bits, identity=16) for p in parts]
         if len(spec.methods) > 1:
             out.append(Dim("quant.method", "cat", tuple(spec.methods), identity=spec.methods[0]))
-    head = tuple(sorted(set(spec.lm_head_bits) | {16}, reverse=True))
-    if len(head) > 1:
-        out.append(Dim("bits.lm_head", "cat", head, identity=16))
+    for name, widths in (("bits.lm_head", spec.lm_head_bits), ("bits.embedding", spec.embedding_bits)):
+        choices = tuple(sorted(set(widths) | {16}, reverse=True))
+        if len(choices) > 1:
+            out.append(Dim(name, "cat", choices, identity=16))
     if spec.prune:
         out.append(Dim("prune", "cat", ("none",) + tuple(dict.fromkeys(spec.prune)), identity="none"))
         if "unstructured" in spec.prune and spec.sparsity[1] > spec.sparsity[0]:
@@ -116,7 +121,8 @@ def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
     """Each move of the space alone, as a user would try it by hand, mildest first.
 
     For the search's warm start (``SearchSpec.warm_start``): uniform quantization at each
-    bit width and method, each pruning pattern at its middle sparsity, an eighth and a quarter
+    bit width and method, the head (with a tied embedding) and an untied embedding at each
+    bit width, each pruning pattern at its middle sparsity, an eighth and a quarter
     of the layers dropped, an FFN kept at 75%, each head fraction, and each MoE split with its
     largest top-k, each compute dtype, and each runtime with its own weight format. Values are snapped to the space's grid; each dict builds a one-move Variant.
     """
@@ -134,6 +140,9 @@ def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
     for bits in (b for b in by_name[bit_dims[0]].choices if b != 16) if bit_dims else ():
         for m in methods:
             add(**{n: bits for n in bit_dims}, **({"quant.method": m} if m else {}))
+    for name in ("bits.lm_head", "bits.embedding"):
+        for bits in by_name[name].choices[1:] if name in by_name else ():
+            add(**{name: bits})
     if "prune" in by_name:
         mid = by_name.get("prune.sparsity")
         for pattern in by_name["prune"].choices[1:]:
@@ -279,7 +288,40 @@ def _quantize_steps(p: dict[str, Any], spec: SpaceSpec, num_layers: int,
         overrides = tuple(QuantOverride(target=t, bits=bits) for t, bits in assigned if bits != base)
         steps.append(QuantizeStep(method=method, bits=base, group_size=spec.group_size, overrides=overrides))
     head = int(p.get("bits.lm_head", 16))
-    if head != 16:
+    if head != 16:  # on a tied model this quantizes the embedding too: one tensor (compress.q_tied)
         steps.append(QuantizeStep(method=method, bits=head, group_size=spec.group_size,
                                   target=Target(include=("lm_head",), exclude=())))
+    embedding = int(p.get("bits.embedding", 16))
+    if embedding != 16:  # embeddings are quantized by rtn only
+        steps.append(QuantizeStep(method="rtn", bits=embedding, group_size=spec.group_size,
+                                  target=Target(include=_EMBEDDING, exclude=())))
     return steps
+
+
+def ties_embeddings(config: Any) -> bool:
+    """Whether a model config says its input embedding and lm_head are one tensor."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def space_for_model(space: SpaceSpec, config: Any) -> tuple[SpaceSpec, dict[str, str]]:
+    """``space`` without the dimensions that do not apply to a model, and ``{left-out field: why}``.
+
+    On a tied model (``tie_word_embeddings``) the input embedding is the head's tensor:
+    ``bits.lm_head`` quantizes both at once, so ``embedding_bits`` is left out.
+
+    Args:
+        space: the requested space.
+        config: the model's transformers config.
+
+    Returns:
+        The narrowed space and the reasons (empty when every dimension applies).
+    """
+    left_out: dict[str, str] = {}
+    if set(space.embedding_bits) - {16} and ties_embeddings(config):
+        left_out["embedding_bits"] = ("the model ties its input embedding to lm_head (tie_word_embeddings): one "
+                                      "tensor, quantized with the head by lm_head_bits")
+    for choice, why in left_out.items():
+        log.warning("left out of the search space: %s: %s", choice, why)
+    return (space.model_copy(update={"embedding_bits": (16,)}) if left_out else space), left_out

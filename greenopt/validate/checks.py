@@ -26,7 +26,7 @@ from greenopt.runtimes import unrealisable
 from greenopt.search import space as sp
 
 # search dimension name (greenopt.search.space) -> the SpaceSpec field it comes from; first prefix wins
-_SPACE_PATHS = {"bits.lm_head": "lm_head_bits", "prune.sparsity": "sparsity", "bits": "bits", "quant": "methods",
+_SPACE_PATHS = {"bits.lm_head": "lm_head_bits", "bits.embedding": "embedding_bits", "prune.sparsity": "sparsity", "bits": "bits", "quant": "methods",
                 "prune": "prune", "depth": "depth_drop_max", "width.ffn_keep": "ffn_keep_min",
                 "width.heads_keep": "heads_keep", "experts": "expert_keep_min", "moefy.experts": "moefy_experts",
                 "moefy.top_k": "moefy_top_k"}
@@ -63,6 +63,10 @@ def cross_field_issues(r: Recipe) -> tuple[list[Issue], list[str]]:
     notes = scheme_notes + deploy_notes + notes
     issues += model_issues
     if not issues and cfg is not None:
+        if r.search is not None:
+            space, left_out = sp.space_for_model(r.search.space, cfg)
+            notes += [f"search.space.{field}: left out: {why}" for field, why in left_out.items()]
+            r = r.model_copy(update={"search": r.search.model_copy(update={"space": space})})
         issues += _architecture_issues(r, cfg)
     return issues, notes
 
