@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from pydantic import Field
@@ -31,12 +31,15 @@ from greenopt.config import (
     as_protocol,
 )
 from greenopt.env import resolve_device, resolve_dtype, set_threads
+from greenopt.errors import ConfigError
 from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.evaluate.cache import baseline_eval, model_key
 from greenopt.label import load_scheme
 from greenopt.label.card import build_card, current_runtime
-from greenopt.errors import ConfigError
 from greenopt.measure.select import select_meter
 from greenopt.measure.workload import compare_repeated
+from greenopt.models import load_model
+from greenopt.records import ApplyReport, Comparison, EvalResult, ModelInfo
 from greenopt.runtimes import (
     Runtime,
     TransformersRuntime,
@@ -46,8 +49,6 @@ from greenopt.runtimes import (
     runtime_class,
     unrealisable,
 )
-from greenopt.models import load_model
-from greenopt.records import ApplyReport, Comparison, EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,7 @@ def preflight(spec: AssessSpec):
 
     protocol = spec.resolved_protocol()
     if spec.eval is not None and spec.eval.tasks:
-
-        validate_tasks(spec.eval.tasks)
+        validate_tasks(spec.eval.tasks, spec.eval.include_path)  # a hub task or bad task file fails here
     rel = load_scheme(spec.relative_scheme)
     abs_ = load_scheme(spec.absolute_scheme) if spec.absolute_scheme else None
     meter = select_meter(spec.meter, cpu_watts=spec.cpu_watts, device=resolve_device(spec.device))
@@ -147,14 +147,16 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
     variant = spec.variant
     if spec.artifact is not None:
         baseline, candidate, pair, report = _artifact_sides(spec, model, device)
-        changes = True
+        base_info, changes = info, True
     else:
-        baseline, candidate, pair, report = _model_sides(spec, model, tok, dtype, device, progress)
+        baseline, candidate, pair, report, base_info = _model_sides(spec, model, tok, info, dtype, device, progress)
         changes = bool(variant.steps) or not variant.deploy.is_reference
     comparison = compare_repeated(pair, tok, protocol, meter, spec.comparisons, progress=progress)
     if spec.eval is not None and spec.eval.tasks:
         cand_eval = evaluate(candidate, tok, spec.eval, progress=progress)
-        base_eval = evaluate(baseline, tok, spec.eval, progress=progress) if changes else cand_eval
+        # the baseline is the model as loaded from its files, so its scores can be cached
+        base_eval = baseline_eval(baseline, tok, spec.eval, key=model_key(base_info, dtype, device),
+                                  progress=progress) if changes else cand_eval
     else:
         cand_eval = base_eval = _empty_eval(spec.eval)
     attention = getattr(model.config, "_attn_implementation", None) or "default"
@@ -172,15 +174,16 @@ def assess(spec: AssessSpec, *, progress: Progress | None = None) -> Assessment:
                       runtime=candidate)
 
 
-def _model_sides(spec: AssessSpec, model, tok, dtype: str, device: str, progress: Progress | None):
-    """(baseline, candidate runtime, pair(r), apply report): the variant applied to ``spec.model``."""
+def _model_sides(spec: AssessSpec, model, tok, info: ModelInfo, dtype: str, device: str, progress: Progress | None):
+    """(baseline, candidate runtime, pair(r), apply report, the baseline's ModelInfo): the variant
+    applied to ``spec.model``."""
     variant = spec.variant
     changes = bool(variant.steps) or not variant.deploy.is_reference
     if spec.baseline is None or spec.baseline == spec.model:
-        baseline = copy.deepcopy(model) if changes else model
+        baseline, base_info = (copy.deepcopy(model) if changes else model), info
     else:
-        baseline, _, _ = load_model(spec.baseline, dtype=dtype, device=device,
-                                    trust_remote_code=spec.trust_remote_code)
+        baseline, _, base_info = load_model(spec.baseline, dtype=dtype, device=device,
+                                            trust_remote_code=spec.trust_remote_code)
     pristine = copy.deepcopy(model) if changes and spec.comparisons > 1 else None
     report = None
     if changes:
@@ -197,7 +200,7 @@ def _model_sides(spec: AssessSpec, model, tok, dtype: str, device: str, progress
         # seeded moves: the same weights again, in fresh memory
         return copy.deepcopy(baseline), deploy(copy.deepcopy(pristine), tok, variant, calib=spec.calib)[0]
 
-    return baseline, candidate, pair, report
+    return baseline, candidate, pair, report, base_info
 
 
 def _artifact_sides(spec: AssessSpec, model, device: str):

@@ -10,6 +10,7 @@ os.environ["GREENOPT_CALIBRATION"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"greenopt-test-calibration-{os.getpid()}")
 # measure calibrates on first use; tests that want it turn it back on (tests/test_calibrate.py).
 os.environ["GREENOPT_AUTO_CALIBRATE"] = "0"
+os.environ["GREENOPT_EVAL_CACHE"] = "0"  # tests that want the baseline cache turn it on themselves
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

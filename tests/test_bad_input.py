@@ -91,6 +91,10 @@ def paths(tiny_dir, tmp_path_factory) -> dict[str, str]:
     searching = {"model": str(tiny_dir), "search": {"target": "B"}}
     _dump(d / "seed_low.yaml", {**searching, "search": {"target": "B", "seed": -1}})
     _dump(d / "seed_high.yaml", {**searching, "search": {"target": "B", "seed": 2**32}})
+    (d / "bad_tasks").mkdir()  # a user task folder whose task reads a hub dataset
+    _dump(d / "bad_tasks" / "myqa.yaml", {"task": "my_qa", "dataset_path": "cais/mmlu", "output_type": "multiple_choice",
+                                          "test_split": "test", "doc_to_text": "{{question}}"})
+    _dump(d / "tasks_recipe.yaml", {**pinned, "evaluation": {"tasks": ["my_qa"], "include_path": "bad_tasks"}})
     for name, body in (("card_not_utf8", NOT_UTF8), ("card_corrupt", b"{\"card_version\": 1,"),
                        ("card_fields", b"{}")):
         (d / name).mkdir()
@@ -162,6 +166,12 @@ CASES = [
     ("measure scheme not utf8", M + "|--scheme|{not_utf8}", ["not UTF-8 text"]),
     ("measure out inside a file", M + "|--out|{a_file}/card", ["--out", "is a file"]),
     ("measure model missing", "measure|--model|{d}/no-model|--protocol|smoke|--tasks", ["no such model folder"]),
+    ("measure hub task", M + "|--tasks|mmlu", ["task 'mmlu'", "needs the hub dataset cais/mmlu", "--include-path"]),
+    ("measure task file hub dataset", M + "|--include-path|{bad_tasks}|--tasks|my_qa",
+     ["myqa.yaml: field 'dataset_path': 'cais/mmlu' is a hub dataset", "dataset_path: json"]),
+    ("measure include path missing", M + "|--include-path|{d}/no-tasks|--tasks|my_qa",
+     ["--include-path", "no such folder"]),
+    ("measure include path empty", M + "|--include-path||--tasks|my_qa", ["--include-path", "empty path"]),
     # --- search (recipe and flags)
     ("search threads 0", S + "|--threads|0", ["--threads"]),
     ("search threads negative", S + "|--threads|-1", ["--threads"]),
@@ -186,6 +196,8 @@ CASES = [
     ("search pinned recipe", "search|{pinned}", ["has no search section"]),
     ("search recipe seed negative", "search|{seed_low}", ["seed"]),
     ("search recipe seed 2**32", "search|{seed_high}", ["seed"]),
+    ("search hub task", S + "|winogrande", ["task 'winogrande'", "local datasets cache", "offline task"]),
+    ("search task file hub dataset", S + "|my_qa|--include-path|{bad_tasks}", ["myqa.yaml", "field 'dataset_path'"]),
     # --- worker
     ("worker trials 0", W + "|--trials|0", ["--trials"]),
     ("worker trials negative", W + "|--trials|-1", ["--trials"]),
@@ -269,6 +281,7 @@ RECIPE_REPORTS = [
     pytest.param("bad", "<file>", "not valid YAML", id="bad yaml"),
     pytest.param("backwards_recipe", "variant.steps.0.depth.layers", "runs backwards", id="layers backwards"),
     pytest.param("seed_low", "search.seed", "greater than or equal to 0", id="seed negative"),
+    pytest.param("tasks_recipe", "evaluation.include_path", "myqa.yaml: field 'dataset_path'", id="task file"),
 ]
 
 

@@ -151,4 +151,5 @@ def test_unknown_task_raises_before_model_work():
         validate_tasks(["piqa", "piqa"])
     with pytest.raises(ConfigError, match="no evaluation task"):
         validate_tasks([])
-    assert validate_tasks(["arc_easy", "mmlu"]) == ("arc_easy", "mmlu")  # lm-eval hub group
+    with pytest.raises(ConfigError, match=r"task 'mmlu' \(subtask mmlu_\w+\) needs the hub dataset cais/mmlu"):
+        validate_tasks(["arc_easy", "mmlu"])  # an lm-eval group whose data is not in the local cache

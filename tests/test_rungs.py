@@ -218,3 +218,26 @@ def test_the_transformers_runner_climbs_and_scores_the_baseline_once_per_rung(ti
     assert runner.baseline_score(6) is runner.baseline_score(6)  # scored once per limit
     final = runner.score(Variant(steps=(DepthStep(drop=1),)), 6)
     assert final.scores[0].items == out.eval.scores[0].items  # the same deployed variant, the same items
+
+
+def test_the_runner_reads_the_baseline_from_the_cache_the_second_time(tiny_dir, tmp_path, monkeypatch):
+    import greenopt.evaluate.cache as cache
+    from greenopt.search.runner import TransformersRunner
+    from greenopt.testing import FakeMeter
+    from test_user_tasks import write_tasks
+
+    monkeypatch.setenv("GREENOPT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(cache.ENV, raising=False)
+    folder = write_tasks(tmp_path / "tasks")
+    spec = SearchSpec(model=str(tiny_dir), fidelity=FidelitySpec(
+        kl=None, perplexity_windows=0, quick_protocol=None, protocol="smoke",
+        eval=EvalSpec(tasks=("my_qa",), limit=3, include_path=str(folder))))
+    first = TransformersRunner(spec, meter=FakeMeter())
+    first.prepare()
+    assert not first.baseline_eval.cached and first.baseline_eval.scores[0].items is not None
+    calls = []
+    monkeypatch.setattr(cache, "evaluate", lambda *a, **k: calls.append(a) or pytest.fail("scored again"))
+    again = TransformersRunner(spec, meter=FakeMeter())
+    again.prepare()
+    assert again.baseline_eval.cached and not calls
+    assert again.baseline_eval.scores[0].items == first.baseline_eval.scores[0].items

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from greenopt.config import Deploy, RUNTIME_EXTRAS, Variant, validated
+from greenopt.config import RUNTIME_EXTRAS, Deploy, Variant, validated
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label.card import write_card
 
@@ -154,6 +154,20 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--intensity", type=real(0), default=None,
                    help="grid carbon intensity in gCO2e/kWh, 0 or more (default 475)")
+
+
+def add_include_path(p) -> None:
+    """``--include-path DIR``: the user's own lm-eval task YAMLs, named then in ``--tasks``."""
+    p.add_argument("--include-path", metavar="DIR", type=_folder_path,
+                   help="a folder of your own lm-eval task YAMLs with local data; name its tasks in --tasks "
+                        "(docs/EVALUATION.md)")
+
+
+def _folder_path(text: str) -> str:
+    """An absolute path (records name the folder wherever the run is resumed or verified from)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; pass the folder holding your task YAML files")
+    return str(Path(text).expanduser().resolve())
 
 
 def add_deploy_args(p) -> None:

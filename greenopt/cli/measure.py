@@ -14,6 +14,7 @@ from greenopt.assess import AssessSpec, assess
 from greenopt.calibrate import CalibrateSpec, calibrate, estimate_s, needs_calibration
 from greenopt.cli.common import (
     add_deploy_args,
+    add_include_path,
     add_measure_args,
     check_writable,
     console,
@@ -26,6 +27,7 @@ from greenopt.cli.common import (
 )
 from greenopt.config import EvalSpec, Variant, load_variant, protocol_preset
 from greenopt.errors import ConfigError
+from greenopt.evaluate import validate_tasks
 from greenopt.evaluate.tasks import prepare_tasks
 from greenopt.label import DEFAULT_GRID_G_PER_KWH
 from greenopt.label.card import render_json
@@ -59,6 +61,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--tasks", nargs="*", help="accuracy tasks (default: arc_easy piqa); none to skip")
     p.add_argument("--limit", type=whole(0, note=" (0 = full sets)"), default=100,
                    help="items per task (default 100; 0 = full sets)")
+    add_include_path(p)
     p.add_argument("--scheme", default="relative-eu", help="relative label scheme name or file")
     p.add_argument("--absolute-scheme", default="absolute-go1", help="absolute label scheme name or file")
     p.add_argument("--out", help="folder for label.json, LABEL.md, label.svg (default runs/measure-<model>)")
@@ -123,13 +126,15 @@ def cmd_measure(args) -> int:
         model=args.model, baseline=args.baseline,
         variant=with_deploy(load_variant(args.variant) if args.variant else Variant(), args),
         protocol=protocol_from_args(args),
-        eval=EvalSpec(tasks=tasks, limit=args.limit or None) if tasks else None,
+        eval=EvalSpec(tasks=tasks, limit=args.limit or None, include_path=args.include_path) if tasks else None,
         meter=args.meter, cpu_watts=args.cpu_watts, device=args.device, dtype=args.dtype or "auto",
         threads=args.threads,
         relative_scheme=args.scheme, absolute_scheme=args.absolute_scheme,
         intensity_g_per_kwh=DEFAULT_GRID_G_PER_KWH if args.intensity is None else args.intensity,  # 0 is a real grid
         trust_remote_code=args.trust_remote_code, comparisons=args.comparisons,
     )
+    if base.eval is not None:  # a hub task or a bad task file fails now, not after calibrating and measuring
+        validate_tasks(base.eval.tasks, base.eval.include_path)
     check_writable(args.out or "runs", "--out")  # before minutes of measuring
     auto_calibrate = not args.no_calibrate and os.environ.get("GREENOPT_AUTO_CALIBRATE", "1") != "0"
     results = []
@@ -143,18 +148,22 @@ def cmd_measure(args) -> int:
             result = assess(spec, progress=progress)
         default_out = Path("runs") / f"measure-{_slug(result.card.model_id)}-{result.card.variant.hash}"
         out_dir = Path(args.out or default_out) / (f"b{batch}" if len(batches) > 1 else "")
-        results.append((result.card, write_card_folder(result.card, out_dir)))
+        results.append((result.card, write_card_folder(result.card, out_dir), result.baseline_eval.cached))
     if args.json:
         import json
 
-        cards = [{"card": json.loads(render_json(c)), "files": {k: str(v) for k, v in p.items()}} for c, p in results]
+        cards = [{"card": json.loads(render_json(c)), "files": {k: str(v) for k, v in p.items()},
+                  "baseline_eval_cached": cached} for c, p, cached in results]
         emit_json(cards[0] if len(cards) == 1 else {"batches": cards})
         return 0
-    for card, paths in results:
+    for card, paths, cached in results:
         render_card_summary(card)
+        if cached:
+            out.print("  baseline accuracy read from the cache (same model files, tasks and items as an earlier "
+                      "run; GREENOPT_EVAL_CACHE=0 scores it again)")
         out.print(f"card written: {paths['markdown']}, {paths['svg']}, {paths['json']}")
     if len(results) > 1:
-        render_batches([c for c, _ in results])
+        render_batches([c for c, _, _ in results])
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from greenopt.cli.common import (
+    add_include_path,
     check_writable,
     console,
     emit_json,
@@ -50,6 +51,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--tasks", nargs="+", help="accuracy tasks for the full fidelity (default: arc_easy piqa)")
     p.add_argument("--limit", type=whole(0, note=" (0 = full sets)"),
                    help="items per task in the full fidelity (default: 100; 0 = full sets)")
+    add_include_path(p)
     p.add_argument("--protocol", help="energy protocol preset for the full fidelity (default: cpu)")
     p.add_argument("--bits", type=int, nargs="+", help="bit widths the space may use, e.g. 16 8 4")
     p.add_argument("--methods", nargs="+", help="quantization backends, e.g. hqq rtn bnb_nf4")
@@ -117,12 +119,14 @@ def _spec_from_args(args):
     fidelity = dict(data.get("fidelity", {}))
     if args.protocol:
         fidelity["protocol"] = args.protocol
-    if args.tasks or args.limit is not None:
+    if args.tasks or args.limit is not None or args.include_path:
         ev = dict(fidelity.get("eval", {}))
         if args.tasks:
             ev["tasks"] = tuple(args.tasks)
         if args.limit is not None:
             ev["limit"] = args.limit or None  # 0: full sets, as for greenopt measure
+        if args.include_path:
+            ev["include_path"] = args.include_path
         fidelity["eval"] = ev
     data["space"], data["fidelity"] = space, fidelity
     return validated(SearchSpec, data, where="search")
@@ -145,7 +149,7 @@ def _live(console):
 def cmd_search(args) -> int:
     spec = _spec_from_args(args)
     check_writable(spec.runs_dir, "--runs-dir")  # before the model loads
-    validate_tasks(spec.fidelity.eval.tasks)
+    validate_tasks(spec.fidelity.eval.tasks, spec.fidelity.eval.include_path)  # before the model loads
     with progress_bars(not args.json) as progress:
         result = search(spec, progress=progress, on_trial=None if args.json else _live(console),
                         resume=args.resume, force=args.force)

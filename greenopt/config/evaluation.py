@@ -10,7 +10,12 @@ from greenopt.config._base import Strict
 
 
 class EvalSpec(Strict):
-    """Which accuracy tasks to run and how many items each (``limit=None``: full sets)."""
+    """Which accuracy tasks to run and how many items each (``limit=None``: full sets).
+
+    ``include_path``: a folder of the user's own lm-eval task YAMLs (``--include-path``), whose
+    data must be local; its tasks can then be named in ``tasks`` (docs/EVALUATION.md). It is
+    part of which item set was scored.
+    """
 
     version: Literal[1] = 1
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
@@ -18,6 +23,7 @@ class EvalSpec(Strict):
     seed: int = 1234
     batch_size: int = Field(8, ge=1)
     num_fewshot: int = Field(0, ge=0)
+    include_path: str | None = Field(None, min_length=1)
 
 
 class CalibSpec(Strict):

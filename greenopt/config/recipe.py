@@ -85,7 +85,8 @@ class QuickLookSpec(Strict):
 
 
 class Evaluation(EvalSpec):
-    """Accuracy tasks (the full fidelity) and, for searches, the quick look before them."""
+    """Accuracy tasks (the full fidelity) and, for searches, the quick look before them.
+    ``include_path``: a folder of the user's own lm-eval task YAMLs, relative to the recipe's folder."""
 
     fidelity: QuickLookSpec = QuickLookSpec()
 
@@ -251,7 +252,8 @@ def schema_problems(data: Any) -> tuple[Recipe | None, list[tuple[str, str]]]:
 
 
 def read_recipe_data(path: str | Path) -> Any:
-    """Reads a recipe's YAML, inlining ``variant: FILE`` (relative to the recipe's folder)."""
+    """Reads a recipe's YAML, inlining ``variant: FILE`` and making ``evaluation.include_path``
+    absolute (both relative to the recipe's folder)."""
     p = Path(path)
     data = load_yaml(p)
     if isinstance(data, dict) and isinstance(data.get("variant"), str):
@@ -260,6 +262,10 @@ def read_recipe_data(path: str | Path) -> Any:
         if not vpath.is_file():
             raise ConfigError(f"{p}: variant: no such variant file {vpath}")
         data = {**data, "variant": load_yaml(vpath)}
+    ev = data.get("evaluation") if isinstance(data, dict) else None
+    if isinstance(ev, dict) and isinstance(ev.get("include_path"), str) and ev["include_path"].strip():
+        folder = Path(ev["include_path"]).expanduser()
+        data = {**data, "evaluation": {**ev, "include_path": str((p.parent / folder).resolve())}}
     return data
 
 

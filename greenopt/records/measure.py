@@ -129,11 +129,16 @@ class TaskScore(Record):
 
 
 class EvalResult(Record):
-    """lm-eval results for one model: one score per task, with the subset used."""
+    """lm-eval results for one model: one score per task, with the subset used.
+
+    ``cached``: the scores were read back from the baseline cache
+    (:func:`greenopt.evaluate.cache.baseline_eval`), not computed in this call.
+    """
 
     scores: tuple[TaskScore, ...]
     limit: int | None
     seed: int
+    cached: bool = False
 
     def score(self, task: str) -> TaskScore:
         for s in self.scores:

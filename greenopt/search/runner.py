@@ -37,6 +37,7 @@ from greenopt.compress.calibration import text_windows
 from greenopt.config import SearchSpec, SpaceSpec, Variant, protocol_preset
 from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
+from greenopt.evaluate.cache import baseline_eval, model_key
 from greenopt.evaluate.fidelity import baseline_reference, kl_cut_for_drop, kl_look
 from greenopt.evaluate.paired import rung_score
 from greenopt.label import Goal
@@ -177,7 +178,7 @@ class TransformersRunner:
         if self._baseline_evals:
             return
 
-        validate_tasks(self.spec.fidelity.eval.tasks)
+        validate_tasks(self.spec.fidelity.eval.tasks, self.spec.fidelity.eval.include_path)
         device = resolve_device(self._device_arg)
         if self._meter is None:
             self._meter = select_meter(self.spec.meter, cpu_watts=self.spec.cpu_watts, device=device)
@@ -210,9 +211,11 @@ class TransformersRunner:
         return self._baseline_evals[first]
 
     def baseline_score(self, limit: int | None, *, progress: Progress | None = None) -> EvalResult:
-        if limit not in self._baseline_evals:
-            self._baseline_evals[limit] = evaluate(self._need_model(), self._tok, self._eval_spec(limit),
-                                                   progress=_prefixed(progress, "baseline eval"), keep_items=True)
+        if limit not in self._baseline_evals:  # on disk too, per model files, items and scorer
+            info = self._info
+            key = model_key(info, info.dtype, info.device) if info is not None else None
+            self._baseline_evals[limit] = baseline_eval(self._need_model(), self._tok, self._eval_spec(limit), key=key,
+                                                        progress=_prefixed(progress, "baseline eval"), keep_items=True)
         return self._baseline_evals[limit]
 
     def score(self, variant: Variant, limit: int | None, *, progress: Progress | None = None) -> EvalResult:

@@ -19,6 +19,7 @@ from greenopt.config import PROTOCOL_PRESETS, QuantizeStep, SpaceSpec, Variant
 from greenopt.config.recipe import ModelSection, Recipe
 from greenopt.errors import ConfigError, ModelError, MoveError
 from greenopt.evaluate import validate_tasks
+from greenopt.evaluate.user_tasks import load_tasks
 from greenopt.label import load_scheme
 from greenopt.models import DEFAULT_MODEL_ID, resolve
 from greenopt.records import Issue
@@ -133,8 +134,15 @@ def _task_issues(r: Recipe, issues: list[Issue]) -> None:
             path = "gate.max_drop" if r.gate.max_drop is not None else "search.max_drop"
             issues.append(Issue(path=path, message="an accuracy budget needs evaluation.tasks"))
         return
+    include = r.evaluation.include_path
+    if include:
+        try:
+            load_tasks(include)  # every task file, each problem naming its file and field
+        except ConfigError as e:
+            issues.append(Issue(path="evaluation.include_path", message=str(e)))
+            return
     try:
-        validate_tasks(tasks)
+        validate_tasks(tasks, include)  # unknown names, and tasks whose data would need the network
     except ConfigError as e:
         issues.append(Issue(path="evaluation.tasks", message=str(e)))
 
