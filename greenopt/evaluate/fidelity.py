@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,14 @@ from greenopt._io import write_bytes
 from greenopt.compress.calibration import text_windows
 from greenopt.config import KLSpec
 from greenopt.errors import ConfigError
+from greenopt.evaluate.lean_lm import CHUNK_FLOATS, logprob_chunks
 from greenopt.records import KLLook, PairedDifference
 from greenopt.runtimes import Runtime, as_runtime
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
-_CHUNK_FLOATS = 1 << 25  # full-vocab floats per forward chunk (128 MiB of fp32 logits)
+_CHUNK_FLOATS = CHUNK_FLOATS  # full-vocab floats per log-softmax chunk (128 MiB of fp32)
 _SAMPLE = 4096  # strided values per tensor hashed exactly by the fingerprint
 _MEMORY: collections.OrderedDict[str, BaselineReference] = collections.OrderedDict()
 _MEMORY_MAX = 4
@@ -182,8 +183,10 @@ def kl_look(candidate: Any, reference: BaselineReference, tokenizer: Any = None)
     """Mean KL(baseline || candidate) per token on the reference's windows, coarsened to top-k + rest.
 
     A lower bound of the full-vocabulary KL (data processing inequality), close to it when the
-    baseline's top-k hold most of its mass. One forward pass of the candidate, in row chunks so
-    that at most one chunk's full-vocabulary log-softmax exists at a time. A position whose
+    baseline's top-k hold most of its mass. One forward pass of the candidate, in chunks of
+    positions so that at most one chunk's full-vocabulary log-softmax (``_CHUNK_FLOATS`` values)
+    exists at a time (:func:`~greenopt.evaluate.lean_lm.logprob_chunks`; a runtime other than
+    transformers is asked for whole rows, at least one). A position whose
     candidate log-probabilities are not numbers (NaN) counts as infinitely far: the look is
     then ``inf``, never a finite number averaged over the rest.
 
@@ -204,16 +207,19 @@ def kl_look(candidate: Any, reference: BaselineReference, tokenizer: Any = None)
         raise ConfigError("kl_look: pass the tokenizer with a transformers model (or pass a Runtime)")
     runtime = as_runtime(candidate, tokenizer)
     t = time.perf_counter()
+    k = reference.top_k
+    top_ids, top_logp = reference.top_ids.reshape(-1, k), reference.top_logp.reshape(-1, k)
+    rest_logp = reference.rest_logp.reshape(-1)
     parts = []
-    for rows, logp in _log_softmax_chunks(runtime, reference.input_ids):
+    for span, logp in logprob_chunks(runtime, reference.input_ids, _CHUNK_FLOATS):
         if logp.shape[-1] != reference.vocab:
             raise ConfigError(f"the candidate's vocabulary ({logp.shape[-1]}) differs from the baseline's "
                               f"({reference.vocab}); score variants of the same model")
-        idx = reference.top_ids[rows]
+        idx = top_ids[span]
         q_top = logp.gather(-1, idx)  # before _rest_logp overwrites those entries
-        parts.append(coarse_kl(reference.top_logp[rows], reference.rest_logp[rows], q_top, _rest_logp(logp, idx)))
+        parts.append(coarse_kl(top_logp[span], rest_logp[span], q_top, _rest_logp(logp, idx)))
         del logp
-    kl = torch.cat(parts)  # [windows, tokens] float64
+    kl = torch.cat(parts).view(reference.input_ids.shape)  # [windows, tokens] float64
     if kl.isnan().any():
         log.warning("KL look: the candidate gave NaN log-probabilities at %d positions", int(kl.isnan().sum()))
         kl = kl.nan_to_num(nan=math.inf)
@@ -279,20 +285,6 @@ def paired_difference(candidate: Sequence[float], baseline: Sequence[float]) -> 
 # ---------------------------------------------------------------------------- internals
 
 
-def _log_softmax_chunks(runtime: Runtime, ids: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, ``[rows, tokens, vocab]`` log-probabilities) chunk by chunk; the first chunk is one
-    row, which tells the vocabulary and so how many rows fit ``_CHUNK_FLOATS``."""
-    start, rows = 0, 1
-    with runtime.measuring():
-        while start < ids.shape[0]:
-            span = slice(start, min(start + rows, ids.shape[0]))
-            logits = runtime.logits(ids[span]).float()
-            logits -= logits.logsumexp(-1, keepdim=True)  # in place: one full-vocab chunk
-            yield span, logits
-            start = span.stop
-            rows = max(1, _CHUNK_FLOATS // (ids.shape[1] * logits.shape[-1]))
-
-
 def _rest_logp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Log of the mass outside ``idx`` per position; overwrites those entries of ``logp`` with -inf."""
     return logp.scatter_(-1, idx, -math.inf).logsumexp(-1)
@@ -300,7 +292,7 @@ def _rest_logp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _compute_reference(runtime: Runtime, ids: torch.Tensor, top_k: int, key: str) -> BaselineReference:
     tops, logps, rests, vocab = [], [], [], 0
-    for _, logp in _log_softmax_chunks(runtime, ids):
+    for _, logp in logprob_chunks(runtime, ids, _CHUNK_FLOATS):
         vocab = logp.shape[-1]
         if top_k > vocab:
             raise ConfigError(f"KLSpec top_k {top_k} exceeds the vocabulary ({vocab}); use top_k <= {vocab}")
@@ -309,8 +301,10 @@ def _compute_reference(runtime: Runtime, ids: torch.Tensor, top_k: int, key: str
         logps.append(values.float())
         rests.append(_rest_logp(logp, idx).float())
         del logp
-    return BaselineReference(key=key, input_ids=ids, top_ids=torch.cat(tops), top_logp=torch.cat(logps),
-                             rest_logp=torch.cat(rests), vocab=vocab)
+    shape = (*ids.shape, top_k)
+    return BaselineReference(key=key, input_ids=ids, top_ids=torch.cat(tops).view(shape),
+                             top_logp=torch.cat(logps).view(shape), rest_logp=torch.cat(rests).view(ids.shape),
+                             vocab=vocab)
 
 
 def _write(path: Path, ref: BaselineReference) -> None:

@@ -39,6 +39,7 @@ from greenopt.env import resolve_device, resolve_dtype
 from greenopt.evaluate import evaluate, validate_tasks
 from greenopt.evaluate.cache import baseline_eval, model_key
 from greenopt.evaluate.fidelity import baseline_reference, kl_cut_for_drop, kl_look
+from greenopt.evaluate.lean_lm import token_logprobs
 from greenopt.evaluate.paired import rung_score
 from greenopt.label import Goal
 from greenopt.measure.select import select_meter
@@ -344,16 +345,11 @@ class TransformersRunner:
     def _perplexity(self, model: Any) -> float:
         """exp(mean NLL) over fixed windows of held-aside text, scored on the model's runtime; inf
         when the loss is not finite."""
-        import torch.nn.functional as F
-
         if self._windows is None:
             self._windows = _perplexity_windows(self._tok, self.spec.fidelity.perplexity_windows,
                                                 self.spec.fidelity.perplexity_tokens)
-        runtime = as_runtime(model, self._tok)
-        ids = self._windows
-        with runtime.measuring():
-            logits = runtime.logits(ids)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(logits.device)).item()
+        # position-chunked log-softmax: memory stays bounded with a large vocabulary
+        loss = -float(token_logprobs(as_runtime(model, self._tok), self._windows).double().mean())
         return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 
