@@ -35,5 +35,18 @@ test-unit: data
 test-gpu: data
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
+# The llama.cpp runtime (greenopt[llamacpp]): llama-cpp-python has no wheel on PyPI and builds from source,
+# about 4 minutes measured on 2 cores (longer on slower CPUs), for this machine's CPU. llama.cpp's AMX backend
+# is left out: it segfaults on quantized GGUF (llama.cpp issue #20824). --no-cache-dir: a wheel cached
+# from another build's flags would be reused otherwise.
+NO_AMX = $(shell echo | cc -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -E - >/dev/null 2>&1 && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "-DCMAKE_C_FLAGS=$(NO_AMX)" "-DCMAKE_CXX_FLAGS=$(NO_AMX)"
+
+.PHONY: llamacpp
+llamacpp: $(STAMP)
+	@echo "building llama-cpp-python from source: about 4 minutes on 2 cores, longer on slower CPUs"
+	CMAKE_ARGS='$(LLAMACPP_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --no-cache-dir -c constraints.txt -e '.[llamacpp]'
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,7 @@ Weight-only quantized variants are scored for accuracy through a dequantized twi
 ``x @ dequant(W).T`` layers, checked by its logits agreement; scripts/benchlib.py), which runs
 at fp32 speed. Timings are information only (a shared CPU), not performance figures.
 
+    python scripts/bench_fidelity.py --limit 0          # the full task sets, 26 variants
     python scripts/bench_fidelity.py --limit 200
     python scripts/bench_fidelity.py --limit 50 --only rtn,depth   # a quick look
 """
@@ -36,7 +37,9 @@ from greenopt.compress import apply
 from greenopt.config import (
     DepthStep,
     EvalSpec,
+    HealStep,
     KLSpec,
+    MoefyStep,
     PruneStep,
     QuantizeStep,
     Variant,
@@ -57,12 +60,23 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("wanda 50%", Variant(steps=[PruneStep(method="wanda", sparsity=0.5)])),
     ("magnitude 50%", Variant(steps=[PruneStep(method="magnitude", sparsity=0.5)])),
     ("wanda 2:4", Variant(steps=[PruneStep(method="wanda", pattern="2:4")])),
+    # More of what the search samples: milder and deeper cuts, MoE-style FFNs, healed cuts, combinations.
+    *[(f"depth -{d}", Variant(steps=[DepthStep(drop=d)])) for d in (1, 3, 6)],
+    ("width ffn 87.5%", Variant(steps=[WidthStep(ffn_keep=0.875)])),
+    ("width ffn 62.5%", Variant(steps=[WidthStep(ffn_keep=0.625)])),
+    ("wanda 30%", Variant(steps=[PruneStep(method="wanda", sparsity=0.3)])),
+    *[(f"moe {k}/8", Variant(steps=[MoefyStep(experts=8, top_k=k)])) for k in (2, 4)],
+    # healing bounded by steps, not seconds, so a busy CPU changes the time, not the result
+    ("depth -4 + heal", Variant(steps=[DepthStep(drop=4), HealStep(steps=40, max_seconds=3600)])),
+    ("width 50% + heal", Variant(steps=[WidthStep(ffn_keep=0.5), HealStep(steps=40, max_seconds=3600)])),
+    ("depth -2 + rtn 4b", Variant(steps=[DepthStep(drop=2), QuantizeStep(method="rtn", bits=4, group_size=64)])),
+    ("ffn 75% + hqq 4b", Variant(steps=[WidthStep(ffn_keep=0.75), QuantizeStep(method="hqq", bits=4, group_size=64)])),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=200, help="items per task (default 200)")
+    ap.add_argument("--limit", type=int, default=200, help="items per task (default 200; 0: the full sets)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=64)
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok, _ = load_model("default", dtype="float32", device="cpu")
     spec = KLSpec(windows=args.windows, tokens=args.tokens, top_k=args.top_k)
-    eval_spec = EvalSpec(tasks=TASKS, limit=args.limit)
+    eval_spec = EvalSpec(tasks=TASKS, limit=args.limit or None)
     t = time.perf_counter()
     ref = baseline_reference(model, tok, spec)
     ref_s = time.perf_counter() - t

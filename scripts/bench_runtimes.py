@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import platform
 import sys
@@ -26,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from greenopt.config import Deploy, EvalSpec, QuantizeStep, Variant, load_variant, protocol_preset
+from greenopt.config import (
+    Deploy,
+    EvalSpec,
+    QuantizeStep,
+    Variant,
+    load_variant,
+    protocol_preset,
+)
 from greenopt.env import cpu_flags, set_threads
 from greenopt.errors import GreenoptError
 from greenopt.evaluate import evaluate
@@ -38,11 +44,13 @@ from greenopt.models import load_model
 from greenopt.runtimes import TransformersRuntime, deploy, runtime_class, unrealisable
 from greenopt.runtimes.probe import probe_kernels
 
-
 BF16 = Deploy(dtype="bfloat16")
 ROWS: tuple[tuple[str, Variant], ...] = (
     ("transformers fp32 (baseline vs itself)", Variant()),
     ("transformers bf16", Variant(deploy=BF16)),
+    # static KV cache + torch.compile of the decode step; the compile runs in the (unmeasured) warm-up
+    ("transformers fp32 compiled", Variant(deploy=Deploy(compile=True))),
+    ("transformers bf16 compiled", Variant(deploy=Deploy(dtype="bfloat16", compile=True))),
     ("bf16 + rtn int4 g32 (fused int4 kernel)",
      Variant(steps=(QuantizeStep(method="rtn", bits=4, group_size=32),), deploy=BF16)),
     ("bf16 + hqq int4 g64 (fused int4 kernel)",
@@ -50,6 +58,9 @@ ROWS: tuple[tuple[str, Variant], ...] = (
     ("bitsandbytes NF4 (fp32 activations)", Variant(steps=(QuantizeStep(method="bnb_nf4", bits=4),))),
     ("onnxruntime-genai int4 b32 acc4", Variant(deploy=Deploy(runtime="onnxruntime-genai", weights="int4"))),
     ("onnxruntime-genai int8 b32 acc4", Variant(deploy=Deploy(runtime="onnxruntime-genai", weights="int8"))),
+    # greenopt[llamacpp] (make llamacpp); without it these rows say how to install it
+    ("llama.cpp Q8_0", Variant(deploy=Deploy(runtime="llama.cpp", weights="q8_0"))),
+    ("llama.cpp Q4_K_M", Variant(deploy=Deploy(runtime="llama.cpp", weights="q4_k_m"))),
 )
 
 
@@ -78,7 +89,6 @@ def main() -> int:
     rows = [r for r in ROWS if not a.only or r[0] in a.only]
     if a.pick:
         rows.append((f"greenopt pick ({a.pick})", load_variant(Path(a.pick) / "chosen.yaml")))
-    rows.append(("llama.cpp Q8_0 / Q4_K_M", None))
     out = []
     for name, variant in rows:
         print(f"\n== {name}", flush=True)
@@ -96,12 +106,6 @@ def main() -> int:
 
 
 def _row(name, variant, model, tok, protocol, meter, scheme, spec, base_eval, repeats) -> dict:
-    if variant is None:
-        if importlib.util.find_spec("llama_cpp") is not None:
-            why = "llama-cpp-python is installed but greenopt has no llama.cpp runtime yet"
-        else:
-            why = "not installed (greenopt[llamacpp] builds llama-cpp-python from source, 15-20 min)"
-        return {"name": name, "skipped": why}
     reason = unrealisable(variant.deploy, variant.steps, "cpu")
     if reason is None:
         try:

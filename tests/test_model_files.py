@@ -351,3 +351,12 @@ def test_a_truncated_export_fails_in_one_line_through_ship_load(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ModelError, match="greenopt-model.safetensors.*(truncated|corrupt)"):
         load(out)
+
+
+def test_a_llama_cpp_export_is_named_not_called_a_broken_checkpoint(tmp_path):
+    from greenopt.errors import ModelError
+    from greenopt.models.files import check_folder
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="a llama.cpp export"):
+        check_folder(tmp_path)

@@ -253,3 +253,13 @@ def test_verify_recipe_gates_the_model_apply_ships(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         verify(VerifySpec(source=str(recipe)))
     assert seen[0].calib.model_dump() == {"samples": 7, "seq_len": 64, "seed": 5}
+
+
+def test_verify_scores_the_users_own_tasks_from_include_path(base_and_export, tmp_path):
+    from test_user_tasks import write_tasks
+
+    folder = write_tasks(tmp_path / "tasks")
+    r = verify(VerifySpec(source=str(base_and_export / "export"), target="G", meter="estimate", device="cpu",
+                          tasks=("my_qa",), limit=3, include_path=str(folder), allow_estimate=True))
+    assert r.passed, r.reason
+    assert [t.task for t in r.card.accuracy] == ["my_qa"] and r.card.eval_limit == 3

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from greenopt.config import RUNTIME_EXTRAS, Deploy, Variant, validated
+from greenopt.config import RUNTIME_EXTRAS, RUNTIME_WEIGHTS, Deploy, Variant, validated
 from greenopt.errors import ConfigError, GreenoptError
 from greenopt.label.card import write_card
 
@@ -171,22 +171,28 @@ def _folder_path(text: str) -> str:
 
 
 def add_deploy_args(p) -> None:
-    """``--runtime``, ``--runtime-dtype``, ``--runtime-weights``, ``--block-size``, ``--accuracy-level``."""
+    """``--runtime``, ``--runtime-dtype``, ``--runtime-weights``, ``--block-size``, ``--accuracy-level``,
+    ``--compile``."""
     g = p.add_argument_group("deployment (the runtime the variant is measured and scored on)")
     g.add_argument("--runtime", choices=tuple(RUNTIME_EXTRAS), help="runtime (default: transformers, the reference)")
     g.add_argument("--runtime-dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype on that runtime (default: the dtype the model is loaded in)")
-    g.add_argument("--runtime-weights", choices=("dense", "int8", "int4"),
-                   help="the runtime's own weight format (onnxruntime-genai MatMulNBits)")
+    formats = ("dense", *dict.fromkeys(f for fs in RUNTIME_WEIGHTS.values() for f in fs))
+    g.add_argument("--runtime-weights", choices=formats, metavar="FORMAT",
+                   help="the runtime's own weight format: dense; onnxruntime-genai MatMulNBits int8, int4; "
+                        "llama.cpp " + ", ".join(RUNTIME_WEIGHTS["llama.cpp"]))
     g.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), help="MatMulNBits block size")
     g.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="MatMulNBits accuracy level (4: int8 activations)")
+    g.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="transformers: static KV cache and torch.compile of the decode step (compile time "
+                        "reported apart from the measurement)")
 
 
 def with_deploy(variant: Variant, args) -> Variant:
     """The variant with the deployment the flags ask for (a variant file's own ``deploy`` if none is given)."""
     fields = {"runtime": args.runtime, "dtype": args.runtime_dtype, "weights": args.runtime_weights,
-              "block_size": args.block_size, "accuracy_level": args.accuracy_level}
+              "block_size": args.block_size, "accuracy_level": args.accuracy_level, "compile": args.compile}
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
         return variant

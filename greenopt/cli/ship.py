@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from greenopt.cli.common import (
+    add_include_path,
     check_writable,
     emit_json,
     progress_bars,
@@ -38,7 +39,7 @@ from greenopt.ship import (
     verify,
 )
 from greenopt.ship.exporter import MANIFEST, check_target
-from greenopt.ship.readme import write_readme
+from greenopt.ship.readme import how_to_load, write_readme
 from greenopt.validate import validate_file
 
 EPILOG_VERIFY = """examples:
@@ -94,6 +95,7 @@ def add_parsers(sub) -> None:
                         "gate's allow_estimate, else refuse); the verdict repeats it")
     p.add_argument("--protocol", help="protocol preset; must equal the recorded one (default: recorded)")
     p.add_argument("--tasks", nargs="*", help="accuracy tasks (default: the recorded ones)")
+    add_include_path(p)
     p.add_argument("--limit", type=whole(1, note=" (leave --limit out for the recorded limit)"),
                    help="items per task (default: the recorded limit)")
     p.add_argument("--baseline", help="where the base model is now (default: the recorded --model)")
@@ -195,10 +197,7 @@ def _print_manifest(manifest, out: str, as_json: bool) -> int:
                  f"{manifest.base_model_id} to {out}")
     if info.weight_bytes_before is not None:
         stdout.print(f"  weight bytes {info.weight_bytes_before:,} -> {info.weight_bytes_after:,}")
-    how = ("transformers.AutoModelForCausalLM.from_pretrained(DIR)" if manifest.loader == "transformers"
-           else "onnxruntime_genai.Model(DIR)" if manifest.loader == "onnxruntime-genai"
-           else f"greenopt.load(DIR)  ({manifest.loader_reason})")
-    stdout.print(f"  load with {how}")
+    stdout.print(f"  {how_to_load(manifest).replace('`', '')}")
     stdout.print(f"  weights sha256 {manifest.weights_sha256[:16]}…; label card: "
                  + ("label.json, LABEL.md, label.svg" if manifest.card_protocol_id else "none (not measured)"))
     return 0
@@ -210,7 +209,7 @@ def cmd_verify(args) -> int:
     spec = VerifySpec(source=args.source, target=args.target, max_drop=args.max_drop,
                       require_tier=args.require_tier, allow_estimate=args.allow_estimate, protocol=args.protocol,
                       tasks=tuple(args.tasks) if args.tasks is not None else None, limit=args.limit,
-                      baseline=args.baseline, meter=args.meter, cpu_watts=args.cpu_watts, device=args.device,
+                      include_path=args.include_path, baseline=args.baseline, meter=args.meter, cpu_watts=args.cpu_watts, device=args.device,
                       dtype=args.dtype, threads=args.threads)
     with progress_bars(not args.json) as progress:
         result = verify(spec, progress=progress)

@@ -36,6 +36,7 @@ from greenopt.config.search import (
 )
 from greenopt.config.variant import (
     RUNTIME_EXTRAS,
+    RUNTIME_WEIGHTS,
     Deploy,
     DepthStep,
     ExpertPruneStep,
@@ -55,7 +56,7 @@ from greenopt.config.variant import (
 )
 
 __all__ = [
-    "PROTOCOL_PRESETS", "RUNTIME_EXTRAS", "Deploy", "RuntimeName", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
+    "PROTOCOL_PRESETS", "RUNTIME_EXTRAS", "RUNTIME_WEIGHTS", "Deploy", "RuntimeName", "TIER_ORDER", "CalibSpec", "DType", "DepthStep", "DeviceSpec", "EvalSpec",
     "ExpertPruneStep", "FidelitySpec", "HealStep", "KLSpec", "LabelClass", "LabelScheme", "LabelSpec", "MeterName", "Metric",
     "MoefyStep", "Protocol", "ProtocolRef", "PruneStep", "PrunePattern", "QuantMethod", "QuantOverride",
     "QuantizeStep", "RuntimeSpec", "SearchSpec", "SpaceBits", "SpaceSpec", "Step", "Strict", "Target", "Tier",

@@ -11,7 +11,7 @@ from greenopt.config._base import Strict
 from greenopt.config.evaluation import CalibSpec, EvalSpec, KLSpec
 from greenopt.config.protocol import PROTOCOL_PRESETS
 from greenopt.config.runtime import RuntimeSpec
-from greenopt.config.variant import QuantMethod
+from greenopt.config.variant import LlamaCppWeights, QuantMethod
 
 SpaceBits = Literal[16, 8, 4, 3, 2]
 
@@ -85,9 +85,13 @@ class SpaceSpec(Strict):
     # the model is loaded in; a search leaves out those without a fast path on its machine (kernel probe).
     dtypes: tuple[Literal["bfloat16", "float16"], ...] = ("bfloat16",)
     # Runtimes beside transformers (always in the space: the baseline runs there); with their own
-    # weight formats (onnxruntime-genai MatMulNBits), block sizes and accuracy levels.
-    runtimes: tuple[Literal["onnxruntime-genai"], ...] = ()
+    # weight formats (onnxruntime-genai MatMulNBits, with block sizes and accuracy levels; llama.cpp's
+    # quantization types).
+    runtimes: tuple[Literal["onnxruntime-genai", "llama.cpp"], ...] = ()
     runtime_weights: tuple[Literal["dense", "int8", "int4"], ...] = ("int4",)
+    llamacpp_weights: tuple[LlamaCppWeights, ...] = ("q8_0", "q4_k_m")
+    # transformers with a static KV cache and torch.compile (Deploy.compile): (False, True) samples both.
+    compile: tuple[bool, ...] = (False,)
     block_sizes: tuple[Literal[16, 32, 64, 128, 256], ...] = (32,)
     accuracy_levels: tuple[Literal[0, 1, 2, 3, 4], ...] = (4,)
 
@@ -105,7 +109,8 @@ class SpaceSpec(Strict):
             raise ValueError("heads_keep fractions must lie in (0, 1); 1.0 (all heads) is always allowed")
         return tuple(sorted(set(v), reverse=True))
 
-    @field_validator("dtypes", "runtimes", "runtime_weights", "block_sizes", "accuracy_levels")
+    @field_validator("dtypes", "runtimes", "runtime_weights", "block_sizes", "accuracy_levels", "llamacpp_weights",
+                     "compile")
     @classmethod
     def _distinct(cls, v: tuple) -> tuple:
         return tuple(dict.fromkeys(v))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -154,33 +154,58 @@ Step = Annotated[
 ]
 
 
-RuntimeName = Literal["transformers", "onnxruntime-genai"]
+RuntimeName = Literal["transformers", "onnxruntime-genai", "llama.cpp"]
 #: The runtimes a variant can be deployed on, and the pip extra each needs beyond greenopt's pins.
-RUNTIME_EXTRAS: dict[str, str | None] = {"transformers": None, "onnxruntime-genai": "ort"}
+RUNTIME_EXTRAS: dict[str, str | None] = {"transformers": None, "onnxruntime-genai": "ort", "llama.cpp": "llamacpp"}
+#: llama.cpp's own quantization types (``llama_model_quantize``), as ``Deploy.weights`` spells them.
+LlamaCppWeights = Literal["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "iq4_nl", "q3_k_m", "q3_k_s", "q2_k"]
+#: Each runtime's own weight formats besides ``dense`` (what ``--runtime-weights`` and a search may pick).
+RUNTIME_WEIGHTS: dict[str, tuple[str, ...]] = {"transformers": (), "onnxruntime-genai": ("int8", "int4"),
+                                               "llama.cpp": get_args(LlamaCppWeights)}
 
 
 class Deploy(Strict):
     """The runtime a variant is deployed, measured and scored on (the deployment is part of the variant).
 
-    ``runtime``: ``transformers`` (greenopt's steps applied in torch) or ``onnxruntime-genai``
-    (the transformed checkpoint exported and built into an ONNX Runtime GenAI model).
-    ``dtype``: compute dtype on that runtime (``auto``: the dtype the model was loaded in).
-    ``weights``: the runtime's own weight format: ``dense`` or ONNX Runtime's int4/int8
-    MatMulNBits with ``block_size`` and ``accuracy_level`` (4: int8 activations, 0: unset).
+    ``runtime``: ``transformers`` (greenopt's steps applied in torch), ``onnxruntime-genai``
+    (the transformed checkpoint exported and built into an ONNX Runtime GenAI model) or
+    ``llama.cpp`` (the transformed checkpoint written as GGUF and run by llama-cpp-python).
+    ``dtype``: compute dtype on that runtime (``auto``: the dtype the model was loaded in; on
+    llama.cpp the GGUF type of dense weights, ``auto`` being float32).
+    ``weights``: the runtime's own weight format: ``dense``, ONNX Runtime's int4/int8
+    MatMulNBits with ``block_size`` and ``accuracy_level`` (4: int8 activations, 0: unset), or a
+    llama.cpp quantization type (``q8_0``, ``q4_k_m``, ...; :data:`RUNTIME_WEIGHTS`).
     The default (transformers, auto, dense) is the reference runtime.
     """
 
     runtime: RuntimeName = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    weights: Literal["dense", "int8", "int4"] = "dense"
+    weights: Literal["dense", "int8", "int4", LlamaCppWeights] = "dense"
     block_size: Literal[16, 32, 64, 128, 256] = 32
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    # transformers only: a static KV cache and the decode step compiled by torch.compile (inductor);
+    # the compile seconds are reported apart from the measurement.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _weights_need_a_format(self) -> Deploy:
+        if self.compile and self.runtime != "transformers":
+            raise ValueError(f"compile is the transformers runtime's torch.compile mode; {self.runtime} has its own "
+                             "kernels: leave compile unset, or runtime: transformers")
         if self.runtime == "transformers" and self.weights != "dense":
-            raise ValueError("transformers takes low-bit weights from quantize steps; weights: int4/int8 is the "
-                             "onnxruntime-genai format (use runtime: onnxruntime-genai, or a quantize step)")
+            raise ValueError(f"transformers takes low-bit weights from quantize steps; weights: {self.weights} is "
+                             f"the {_format_owner(self.weights)} format (use runtime: {_format_owner(self.weights)}, "
+                             "or a quantize step)")
+        if self.weights != "dense" and self.weights not in RUNTIME_WEIGHTS[self.runtime]:
+            raise ValueError(f"weights: {self.weights} is {_format_owner(self.weights)}'s format; {self.runtime} "
+                             f"takes dense or {', '.join(RUNTIME_WEIGHTS[self.runtime])}")
+        if self.runtime == "llama.cpp":
+            if (self.block_size, self.accuracy_level) != (32, 4):
+                raise ValueError("block_size and accuracy_level are onnxruntime-genai MatMulNBits settings; "
+                                 "llama.cpp's types fix their own blocks: leave them unset")
+            if self.weights != "dense" and self.dtype not in ("auto", "float32"):
+                raise ValueError(f"llama.cpp quantizes {self.weights} from float32 weights; dtype {self.dtype} "
+                                 "sets the type of dense weights (weights: dense), leave it unset here")
         return self
 
     @property
@@ -188,11 +213,25 @@ class Deploy(Strict):
         return self == Deploy()
 
     def describe(self) -> str:
-        """One line, e.g. ``onnxruntime-genai int4 b32 acc4`` or ``transformers bfloat16``."""
+        """One line, e.g. ``onnxruntime-genai int4 b32 acc4``, ``llama.cpp q4_k_m`` or ``transformers bfloat16``."""
         parts = [self.runtime, self.dtype if self.dtype != "auto" else ""]
         if self.weights != "dense":
-            parts += [self.weights, f"b{self.block_size}", f"acc{self.accuracy_level}"]
+            parts += [self.weights] if self.runtime == "llama.cpp" else [
+                self.weights, f"b{self.block_size}", f"acc{self.accuracy_level}"]
+        parts.append("compiled" if self.compile else "")
         return " ".join(p for p in parts if p)
+
+    def hash_payload(self) -> dict:
+        """What of the deployment a variant's hash covers: every field, ``compile`` only when set
+        (so hashes from before it existed stay as they were)."""
+        out = self.model_dump(mode="json")
+        if not self.compile:
+            del out["compile"]
+        return out
+
+
+def _format_owner(weights: str) -> str:
+    return next(r for r, formats in RUNTIME_WEIGHTS.items() if weights in formats)
 
 
 class Variant(Strict):
@@ -211,7 +250,7 @@ class Variant(Strict):
         """Stable 12-hex-digit hash of the steps and a non-reference deployment (the name does not count)."""
         steps = [s.model_dump(mode="json") for s in self.steps]
         payload = json.dumps(steps if self.deploy.is_reference else {"steps": steps,
-                             "deploy": self.deploy.model_dump(mode="json")}, sort_keys=True)
+                             "deploy": self.deploy.hash_payload()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @property

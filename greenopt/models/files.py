@@ -40,6 +40,9 @@ def check_folder(folder: Path, fix: str | None = None) -> None:
     if (folder / "genai_config.json").is_file() and not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: an ONNX Runtime GenAI model, not a checkpoint; load it with "
                          "onnxruntime_genai.Model(DIR), or measure it with greenopt verify DIR")
+    if (folder / "model.gguf").is_file() and not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: a llama.cpp export (model.gguf), not a checkpoint; load it with "
+                         "llama_cpp.Llama(model_path='DIR/model.gguf'), or measure it with greenopt verify DIR")
     _json_object(folder / "config.json", fix)
     if (folder / MODULES).is_file():
         _json_object(folder / MODULES, fix)

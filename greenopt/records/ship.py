@@ -60,7 +60,8 @@ class ExportManifest(Record):
     """``greenopt_export.json``: everything needed to reload, reproduce and re-verify an export.
 
     ``loader`` says what reads the folder back: ``transformers`` (``from_pretrained``), ``greenopt``
-    (``greenopt.load``) or ``onnxruntime-genai`` (the runtime's ONNX artifact, ``og.Model(DIR)``).
+    (``greenopt.load``), ``onnxruntime-genai`` (the runtime's ONNX artifact, ``og.Model(DIR)``) or
+    ``llama.cpp`` (its GGUF file, ``llama_cpp.Llama(model_path=DIR/model.gguf)``).
     ``dtype`` is the dtype the baseline is loaded in; the variant's ``deploy`` carries the measured
     runtime and its dtype. ``weights_sha256`` covers the loader's weight files (the safetensors'
     tensors, or ``model.onnx`` and its external data).
@@ -74,7 +75,7 @@ class ExportManifest(Record):
     variant: Variant
     variant_name: str
     variant_info: VariantInfo
-    loader: Literal["transformers", "greenopt", "onnxruntime-genai"]
+    loader: Literal["transformers", "greenopt", "onnxruntime-genai", "llama.cpp"]
     loader_reason: str
     dtype: str
     protocol: Protocol | None

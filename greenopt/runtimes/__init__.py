@@ -13,6 +13,10 @@ runtime                what it realises                           install
                        ONNX Runtime GenAI builder (fp32, or int4/
                        int8 MatMulNBits with block size and
                        accuracy level)
+``llama.cpp``          the transformed checkpoint written as GGUF ``pip install greenopt[llamacpp]``
+                       (f32/f16/bf16), quantized by llama.cpp     (builds from source:
+                       (q8_0, q4_k_m, ...), run by llama-cpp-     ``make llamacpp``)
+                       python
 =====================  =========================================  ==========================
 
 Example:
@@ -27,6 +31,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,7 +53,13 @@ __all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "
 RUNTIMES: dict[str, str] = {
     "transformers": "greenopt.runtimes.hf:TransformersRuntime",
     "onnxruntime-genai": "greenopt.runtimes.ortgenai:OrtGenAIRuntime",
+    "llama.cpp": "greenopt.runtimes.llamacpp:LlamaCppRuntime",
 }
+#: How each runtime's missing backend is installed, beyond ``pip install 'greenopt[<extra>]'``.
+_INSTALL_NOTES = {"llama.cpp": " (it builds llama-cpp-python from source; or make llamacpp)"}
+
+_BF16_EMULATED = ("dtype bfloat16 on this CPU has no native kernels (no avx512_bf16, amx_bf16 or bf16 flag): "
+                  "it would run emulated; use float32 here")
 
 # Steps whose result is an ordinary dense checkpoint of the same architecture (fewer layers,
 # narrower FFNs, zeroed or retrained weights), which an exporter/builder outside torch can read.
@@ -63,21 +75,49 @@ def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
     """
     if deploy.runtime != "transformers":
         for step in steps:
-            if not isinstance(step, _PLAIN_CHECKPOINT_STEPS):
-                return (f"{deploy.runtime} cannot realise a {step.kind} step (it reads ordinary checkpoints: "
-                        "depth, width, prune and heal steps); use its own weights: int4/int8, "
-                        "or runtime: transformers")
+            reason = _unreadable(deploy.runtime, step)
+            if reason:
+                return reason
+        if deploy.runtime == "llama.cpp":  # f16 GGUF runs on F16C conversions, which every x86-64-v3 CPU has
+            if str(device).startswith("cuda"):
+                return f"greenopt runs llama.cpp on cpu (a CPU build of llama-cpp-python), not {device}; use --device cpu"
+            return f"llama.cpp {_BF16_EMULATED}" if deploy.dtype == "bfloat16" and not cpu_has_bf16(cpu_flags) else None
         if deploy.dtype not in ("auto", "float32") and not str(device).startswith("cuda"):
             return f"{deploy.runtime} on CPU runs float32 (with int4/int8 weights); dtype {deploy.dtype} is for CUDA"
         return None
     if str(device).startswith("cuda"):
         return None
+    if deploy.compile and not _cpp_compiler():
+        return ("compile on CPU needs a C++ compiler for torch.compile's inductor (none of c++, g++, clang++ on "
+                "PATH); install one (apt-get install g++), or leave compile unset")
     if deploy.dtype == "bfloat16" and not cpu_has_bf16(cpu_flags):
-        return ("dtype bfloat16 on this CPU has no native kernels (no avx512_bf16, amx_bf16 or bf16 flag): "
-                "it would run emulated; use float32 here")
+        return _BF16_EMULATED
     if deploy.dtype == "float16" and not cpu_has_fp16(cpu_flags):
         return "dtype float16 on this CPU has no native kernels (no avx512_fp16 flag); use float32 or bfloat16"
     return None
+
+
+def _unreadable(runtime: str, step: Step) -> str | None:
+    """Why ``runtime`` (not transformers) cannot read what ``step`` makes, one line, or None."""
+    if runtime == "llama.cpp":
+        if step.kind == "quantize":
+            return ("llama.cpp cannot realise a quantize step (greenopt's own packed weights; llama.cpp quantizes "
+                    "itself): drop the step and set weights: q8_0, q4_k_m, ..., or runtime: transformers")
+        if step.kind in ("moefy", "expert_prune"):
+            return (f"llama.cpp cannot realise a {step.kind} step (MoE-split FFNs; greenopt writes dense llama "
+                    "GGUF); drop the step, or runtime: transformers")
+        if isinstance(step, WidthStep) and step.layers is not None:
+            return (f"llama.cpp cannot realise a width step on layers {step.layers} (its llama architecture has one "
+                    "FFN width and head count for all layers); leave layers unset, or runtime: transformers")
+    if not isinstance(step, _PLAIN_CHECKPOINT_STEPS):
+        return (f"{runtime} cannot realise a {step.kind} step (it reads ordinary checkpoints: "
+                "depth, width, prune and heal steps); use its own weights: int4/int8, "
+                "or runtime: transformers")
+    return None
+
+
+def _cpp_compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
 
 
 def cast(model: torch.nn.Module, deploy: Deploy) -> torch.nn.Module:
@@ -127,7 +167,7 @@ def realise(model: torch.nn.Module, tokenizer, deploy: Deploy, *, steps: Iterabl
     cls = runtime_class(deploy.runtime)
     if cls is TransformersRuntime:
         cast(model, deploy)
-        return TransformersRuntime(model, tokenizer)
+        return TransformersRuntime(model, tokenizer, compiled=deploy.compile)
     return cls.build(model, tokenizer, deploy)
 
 
@@ -144,6 +184,9 @@ def deploy(model: torch.nn.Module, tokenizer, variant: Variant, *, calib: CalibS
     Raises:
         MoveError: a step cannot apply; ConfigError: as :func:`realise`.
     """
+    reason = unrealisable(variant.deploy, variant.steps, str(next(model.parameters()).device))
+    if reason:
+        raise ConfigError(reason)  # before the steps run: a runtime's refusal should not cost their minutes
     cast(model, variant.deploy)
     report = apply(model, variant, tokenizer=tokenizer, calib=calib, ctx=ctx, progress=progress)
     return realise(model, tokenizer, variant.deploy, steps=variant.steps), report
@@ -181,7 +224,7 @@ def runtime_class(name: str) -> type[Runtime]:
     except ImportError as e:
         extra = RUNTIME_EXTRAS.get(name)
         raise ConfigError(f"runtime {name} is not installed ({e.name or e}); "
-                          f"pip install 'greenopt[{extra}]'") from None
+                          f"pip install 'greenopt[{extra}]'{_INSTALL_NOTES.get(name, '')}") from None
 
 
 def as_runtime(model_or_runtime, tokenizer) -> Runtime:

@@ -95,8 +95,13 @@ def _deploy_dims(spec: SpaceSpec) -> list[Dim]:
     out: list[Dim] = []
     if spec.dtypes:
         out.append(Dim("deploy.dtype", "cat", ("auto",) + spec.dtypes, identity="auto"))
+    if True in spec.compile:
+        out.append(Dim("deploy.compile", "cat", (False, True), identity=False))
     if spec.runtimes:
         out.append(Dim("deploy.runtime", "cat", ("transformers",) + spec.runtimes, identity="transformers"))
+    if "llama.cpp" in spec.runtimes and len(spec.llamacpp_weights) > 1:
+        out.append(Dim("deploy.llamacpp_weights", "cat", spec.llamacpp_weights, identity=spec.llamacpp_weights[0]))
+    if "onnxruntime-genai" in spec.runtimes:
         weights = tuple(dict.fromkeys(("dense",) + spec.runtime_weights))
         if len(weights) > 1:
             out.append(Dim("deploy.weights", "cat", weights, identity=weights[-1]))
@@ -163,6 +168,8 @@ def single_moves(spec: SpaceSpec, num_layers: int) -> list[dict[str, Any]]:
         add(**{"experts.keep": _snap(by_name["experts.keep"], 0.75)})
     for dtype in by_name["deploy.dtype"].choices[1:] if "deploy.dtype" in by_name else ():
         add(**{"deploy.dtype": dtype})
+    if "deploy.compile" in by_name:
+        add(**{"deploy.compile": True})
     for runtime in by_name["deploy.runtime"].choices[1:] if "deploy.runtime" in by_name else ():
         add(**{"deploy.runtime": runtime})
     return out
@@ -240,7 +247,9 @@ _PLAIN_STEPS = (DepthStep, WidthStep, PruneStep)
 def _deploy(p: dict[str, Any], spec: SpaceSpec) -> Deploy:
     runtime = p.get("deploy.runtime", "transformers")
     if runtime == "transformers":
-        return Deploy(dtype=p.get("deploy.dtype", "auto"))
+        return Deploy(dtype=p.get("deploy.dtype", "auto"), compile=bool(p.get("deploy.compile", False)))
+    if runtime == "llama.cpp":
+        return Deploy(runtime=runtime, weights=p.get("deploy.llamacpp_weights", spec.llamacpp_weights[0]))
     return Deploy(runtime=runtime, weights=p.get("deploy.weights", spec.runtime_weights[-1]),
                   block_size=p.get("deploy.block_size", spec.block_sizes[0]),
                   accuracy_level=p.get("deploy.accuracy_level", spec.accuracy_levels[0]))
@@ -248,9 +257,12 @@ def _deploy(p: dict[str, Any], spec: SpaceSpec) -> Deploy:
 
 def not_sampled(spec: SpaceSpec) -> list[str]:
     """What the space's runtimes do not sample, one line each (for the dry run and recipe validate)."""
+    def formats(r: str) -> str:
+        own = spec.llamacpp_weights if r == "llama.cpp" else spec.runtime_weights
+        return "/".join(w for w in own if w != "dense") or "dense"
+
     return [f"{r}: quantize and MoE moves are not sampled for it (it reads ordinary checkpoints and "
-            f"quantizes with its own {'/'.join(w for w in spec.runtime_weights if w != 'dense') or 'dense'} "
-            "weights); depth, width and prune moves are" for r in spec.runtimes]
+            f"quantizes with its own {formats(r)} weights); depth, width and prune moves are" for r in spec.runtimes]
 
 
 def _r(x: float) -> float:

@@ -24,6 +24,9 @@ Which loader reads it back:
 - a variant deployed on ONNX Runtime GenAI ships the runtime's own artifact (``model.onnx``, its
   ``.data``, ``genai_config.json``, tokenizer files and the build record), which
   ``onnxruntime_genai.Model(DIR)`` loads: the model that was measured, not a checkpoint to rebuild it from.
+- a variant deployed on llama.cpp ships its GGUF file (``model.gguf``: weights, hyperparameters
+  and tokenizer, as quantized) and the build record; ``llama_cpp.Llama(model_path=DIR/model.gguf)``
+  or any llama.cpp tool loads it.
 
 A transformers deployment in another dtype (``deploy.dtype: bfloat16``) is written in that dtype:
 the weights are the measured ones; the manifest's ``dtype`` is the baseline's.
@@ -186,16 +189,19 @@ def _artifact_runtime(model: torch.nn.Module, tokenizer: Any, variant: Variant,
 
 def _write_artifact(runtime: Runtime, folder: Path) -> tuple[str, str, tuple[str, ...]]:
     """Writes the runtime's artifact and the build record that reloads it; returns (loader, reason, notes)."""
-    from greenopt.runtimes.ortgenai import BUILD_FILE, OrtGenAIRuntime  # lazy: onnxruntime-genai
-
-    if not isinstance(runtime, OrtGenAIRuntime):
-        raise ConfigError(f"greenopt cannot export a {runtime.name} artifact yet; deploy on transformers "
-                          "or onnxruntime-genai")
+    if runtime.name == "onnxruntime-genai":
+        from greenopt.runtimes.ortgenai import BUILD_FILE  # lazy: onnxruntime-genai
+        what = "an ONNX Runtime GenAI model"
+    elif runtime.name == "llama.cpp":
+        from greenopt.runtimes.llamacpp import BUILD_FILE  # lazy: llama-cpp-python
+        what = "a llama.cpp GGUF file"
+    else:
+        raise ConfigError(f"greenopt cannot export a {runtime.name} artifact yet; deploy on transformers, "
+                          "onnxruntime-genai or llama.cpp")
     names = runtime.export(folder)
-    shutil.copy2(runtime.folder / BUILD_FILE, folder / BUILD_FILE)  # what OrtGenAIRuntime(DIR) reads back
+    shutil.copy2(runtime.folder / BUILD_FILE, folder / BUILD_FILE)  # what the runtime's class reads back
     d = runtime.describe()
-    reason = (f"an ONNX Runtime GenAI model ({d.dtype}; {', '.join(d.kernels) or 'no weight kernels found'}), "
-              "not a transformers checkpoint")
+    reason = f"{what} ({d.dtype}; {', '.join(d.kernels) or 'no weight kernels found'}), not a transformers checkpoint"
     return runtime.name, reason, (f"artifact files: {', '.join(names)}",)
 
 
@@ -316,7 +322,7 @@ def _libraries() -> dict[str, str]:
 
 #: The files ``weights_sha256`` covers, per loader.
 WEIGHT_FILES = {"transformers": ("*.safetensors",), "greenopt": ("*.safetensors",),
-                "onnxruntime-genai": ("*.onnx", "*.onnx.data")}
+                "onnxruntime-genai": ("*.onnx", "*.onnx.data"), "llama.cpp": ("*.gguf",)}
 
 
 def files_sha256(folder: str | Path, loader: str = "transformers") -> str:
@@ -325,10 +331,10 @@ def files_sha256(folder: str | Path, loader: str = "transformers") -> str:
     Checkpoints: the tensors of every ``*.safetensors`` file, hashing file name, tensor name,
     dtype, shape and bytes in sorted order; the files' JSON headers are left out (safetensors
     writes their metadata in no fixed order). ONNX Runtime GenAI: the name and bytes of
-    ``model.onnx`` and its external data, in sorted order.
+    ``model.onnx`` and its external data, in sorted order; llama.cpp: those of the GGUF file.
     """
     folder = Path(folder)
-    if loader == "onnxruntime-genai":
+    if loader in ("onnxruntime-genai", "llama.cpp"):
         return _raw_sha256(sorted({p for pattern in WEIGHT_FILES[loader] for p in folder.glob(pattern)}))
     from safetensors import safe_open
 

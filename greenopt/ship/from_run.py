@@ -104,7 +104,7 @@ def _deployed(model, tok, variant: Variant) -> Runtime:
     """The trial's runtime again. Transformers wraps the cast model without the kernel check
     (writing bf16 weights needs no bf16 kernels here); another runtime builds its artifact."""
     if variant.deploy.runtime == "transformers":
-        return TransformersRuntime(cast(model, variant.deploy), tok)
+        return TransformersRuntime(cast(model, variant.deploy), tok, compiled=variant.deploy.compile)
     return realise(model, tok, variant.deploy, steps=variant.steps)
 
 

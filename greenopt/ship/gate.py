@@ -191,6 +191,7 @@ class VerifySpec(DeviceSpec):
     protocol: ProtocolRef | None = None
     tasks: tuple[str, ...] | None = None
     limit: int | None = Field(None, ge=1)
+    include_path: str | None = None  # the user's own lm-eval tasks (default: the recorded folder)
     baseline: str | None = None
     dtype: DType | None = None
 
@@ -216,7 +217,7 @@ def verify(spec: VerifySpec, *, progress: Progress | None = None) -> GateResult:
 
     An export folder is loaded as shipped (transformers, or ``greenopt.load`` when its
     manifest says so, in the baseline's dtype and then cast to the variant's deploy dtype; an
-    ONNX Runtime GenAI export is its artifact, run by that runtime) and measured against the
+    ONNX Runtime GenAI or llama.cpp export is its artifact, run by that runtime) and measured against the
     recorded base model on transformers; a recipe's pinned variant is applied to its model in
     memory. The protocol, tasks, item limit and label schemes are
     the recorded ones unless overridden; a protocol other than the recorded one fails, and so
@@ -309,7 +310,8 @@ def _eval_spec(recorded: EvalSpec | None, spec: VerifySpec) -> EvalSpec | None:
     if recorded is None and spec.tasks is None:
         return None
     base = recorded or EvalSpec()
-    update = {k: v for k, v in (("tasks", spec.tasks), ("limit", spec.limit)) if v is not None}
+    update = {k: v for k, v in (("tasks", spec.tasks), ("limit", spec.limit), ("include_path", spec.include_path))
+              if v is not None}
     return base.model_copy(update=update) if update else base
 
 
@@ -330,8 +332,8 @@ def _plan_export(spec: VerifySpec, folder: Path) -> _Plan:
     base = spec.baseline or m.base_model
     # The export is the variant's steps applied; re-applying its deploy (dtype on transformers, or
     # loading the runtime's artifact) puts the candidate back on the runtime it was measured on.
-    sides = (dict(model=base, artifact=str(folder)) if m.loader == "onnxruntime-genai"
-             else dict(model=str(folder), baseline=base))
+    sides = ({"model": base, "artifact": str(folder)} if m.loader not in ("transformers", "greenopt")
+             else {"model": str(folder), "baseline": base})
     run = AssessSpec(
         **sides, variant=Variant(deploy=m.variant.deploy), protocol=protocol,
         eval=_eval_spec(m.eval, spec), relative_scheme=_in_export(folder, m.relative_scheme),

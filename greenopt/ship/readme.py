@@ -9,6 +9,7 @@ from greenopt.records import ExportManifest, LabelCard
 
 README = "README.md"
 ORT = "onnxruntime-genai"
+LLAMACPP = "llama.cpp"
 _BEGIN, _END = "<!-- greenopt:label:begin -->", "<!-- greenopt:label:end -->"
 
 
@@ -24,7 +25,8 @@ def write_readme(folder: str | Path, card: LabelCard | None, manifest: ExportMan
         text = head + section + rest.split(_END, 1)[1]
     else:
         base = manifest.base_model_id if manifest else (card.model_id if card else "unknown")
-        library = ORT if manifest is not None and manifest.loader == ORT else "transformers"
+        loader = manifest.loader if manifest is not None else "transformers"
+        library = {ORT: ORT, LLAMACPP: "llama-cpp-python"}.get(loader, "transformers")
         text = (f"---\nlibrary_name: {library}\nbase_model: {base}\ntags:\n- greenopt\n- energy-label\n---\n\n"
                 f"{section}\n")
     write_text(path, text)
@@ -80,6 +82,10 @@ def how_to_load(m: ExportManifest) -> str:
     if m.loader == ORT:
         return (f"Runs on ONNX Runtime GenAI (`{m.variant.deploy.describe()}`): {m.loader_reason}. Load with "
                 "`import onnxruntime_genai as og; model = og.Model(DIR); tokenizer = og.Tokenizer(model)`.")
+    if m.loader == LLAMACPP:
+        return (f"Runs on llama.cpp (`{m.variant.deploy.describe()}`): {m.loader_reason}. Load with "
+                "`llama_cpp.Llama(model_path=\"DIR/model.gguf\")` or `llama-cli -m DIR/model.gguf`; the "
+                "tokenizer is in the file.")
     how = ("`transformers.AutoModelForCausalLM.from_pretrained(DIR)`" if m.loader == "transformers"
            else "`greenopt.load(DIR)` (transformers cannot load it: " + m.loader_reason + ")")
     where = f" The weights are {dtype}, as deployed and measured; load them as saved." if dtype != "auto" else ""
