@@ -143,7 +143,7 @@ def test_finalists_are_scored_on_the_full_sets_and_tested_pairwise(tmp_path, cap
     runner = FakeRunner(ladder=spec.fidelity.ladder)
     res = search(spec, runner=runner)
     recs = records(_study(spec))
-    finalists = [r for r in recs if r.final is not None]
+    finalists = [r for r in recs if r.final is not None and not r.is_baseline]
     assert len(finalists) == len([r for r in recs if r.confirmed is not None]) > 1
     assert all(r.final.limit is None and r.final_eval.scores[0].n == 570 for r in finalists)
     assert res.chosen is not None and res.chosen.items_per_task is None  # judged on the full sets
@@ -241,3 +241,10 @@ def test_the_runner_reads_the_baseline_from_the_cache_the_second_time(tiny_dir, 
     again.prepare()
     assert again.baseline_eval.cached and not calls
     assert again.baseline_eval.scores[0].items == first.baseline_eval.scores[0].items
+
+
+def test_the_baseline_row_is_shown_on_the_finalists_items(tmp_path):
+    spec = ladder_spec(tmp_path, confirm_top=2, confirm_comparisons=2)
+    res = search(spec, runner=FakeRunner(ladder=spec.fidelity.ladder))
+    assert res.baseline is not None and res.baseline.items_per_task is None  # the full sets, as the finalists
+    assert res.chosen is None or res.chosen.items_per_task == res.baseline.items_per_task

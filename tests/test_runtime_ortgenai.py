@@ -240,3 +240,10 @@ def test_default_model_int4_generates_and_agrees_with_transformers(tmp_path, mon
     agree = float((rt.logits(ids).argmax(-1) == want.argmax(-1)).float().mean())
     print(f"int4 build {build_s:.1f} s, 8 tokens in {gen_s:.2f} s, top-1 agreement {agree:.3f}")
     assert agree > 0.5, agree
+
+
+def test_deploy_reports_the_built_artifacts_weight_bytes(cache):
+    from greenopt.runtimes import deploy
+
+    rt, report = deploy(tiny_llama(), tiny_tokenizer(), Variant(deploy=Deploy(runtime=ORT, weights="int4")))
+    assert report.weight_bytes_after == rt.weight_bytes() < report.weight_bytes_before  # the int4 graph, not torch's

@@ -179,7 +179,8 @@ def deploy(model: torch.nn.Module, tokenizer, variant: Variant, *, calib: CalibS
     confirmations, the benchmarks), so the steps always see the deployment's dtype.
 
     Returns:
-        The runtime and what the steps changed (:func:`greenopt.compress.apply`).
+        The runtime and what the steps changed (:func:`greenopt.compress.apply`), its
+        ``weight_bytes_after`` the deployed artifact's (an ONNX or GGUF build's own weights).
 
     Raises:
         MoveError: a step cannot apply; ConfigError: as :func:`realise`.
@@ -189,7 +190,11 @@ def deploy(model: torch.nn.Module, tokenizer, variant: Variant, *, calib: CalibS
         raise ConfigError(reason)  # before the steps run: a runtime's refusal should not cost their minutes
     cast(model, variant.deploy)
     report = apply(model, variant, tokenizer=tokenizer, calib=calib, ctx=ctx, progress=progress)
-    return realise(model, tokenizer, variant.deploy, steps=variant.steps), report
+    runtime = realise(model, tokenizer, variant.deploy, steps=variant.steps)
+    deployed = runtime.weight_bytes()
+    if deployed is not None and deployed != report.weight_bytes_after:
+        report = report.model_copy(update={"weight_bytes_after": deployed})
+    return runtime, report
 
 
 def load_artifact(folder: str | Path, deploy: Deploy, device: str = "cpu") -> Runtime:

@@ -7,6 +7,11 @@ files, the :class:`~greenopt.config.Deploy`, the precision and execution provide
 installed onnxruntime-genai and onnxruntime versions. A build runs in a temp folder beside the
 cache and is renamed into place whole, so a killed build leaves no half-written entry and a second
 build of the same model is a cache hit.
+
+A model whose decoder Linears hold greenopt's rtn/gptq codes (a 4- or 8-bit quantize step) is
+written as a GPTQ checkpoint instead (:mod:`greenopt.runtimes.gptq_export`), and the builder
+imports those codes into MatMulNBits unchanged (lm_head stays float); the build record says so
+(``weights_source``: :data:`~greenopt.runtimes.gptq_export.IMPORTED`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from greenopt.errors import ConfigError, ModelError
 from greenopt.offline import home
 from greenopt.records import RuntimeDescription
 from greenopt.runtimes.base import Runtime
+from greenopt.runtimes.gptq_export import GPTQ_BITS, IMPORTED, GptqExport, has_packed, write_gptq
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class OrtGenAIRuntime(Runtime):
         self.dtype: str = meta["dtype"]
         self.execution_provider: str = meta["execution_provider"]
         self.kernels: tuple[str, ...] = tuple(meta["kernels"])
+        self.weights_source: str | None = meta.get("weights_source")
         self._model: og.Model | None = None
         self._threads: int | None = None
 
@@ -76,17 +83,20 @@ class OrtGenAIRuntime(Runtime):
         """Builds (or finds in the cache) ``model`` as an ONNX Runtime GenAI model for ``deploy``.
 
         Args:
-            model: a dense llama-like transformers causal LM (any dtype; saved as float32); left as found.
+            model: a llama-like transformers causal LM (any dtype; saved as float32), dense or with
+                every decoder Linear quantized by a 4/8-bit gptq or rtn step (its codes imported);
+                left as found.
             tokenizer: its tokenizer, saved beside the model.
             deploy: runtime ``onnxruntime-genai``; ``weights`` dense (fp32), int4 or int8
-                (MatMulNBits with ``block_size`` and ``accuracy_level``).
+                (MatMulNBits with ``block_size`` and ``accuracy_level``); for imported codes, the
+                int4/int8 of their width, and ``block_size`` their group size.
 
         Returns:
             The runtime, on the model's device.
 
         Raises:
             ConfigError: ``deploy`` is for another runtime, or its dtype or weights cannot be
-                built for this device.
+                built for this device, or the model's packed codes cannot be imported (names the module).
             ModelError: the model builder rejects the model (e.g. an architecture it does not know).
         """
         if deploy.runtime != cls.name:
@@ -95,19 +105,24 @@ class OrtGenAIRuntime(Runtime):
         param = next(model.parameters())
         device = str(param.device)
         precision, provider, extra = _builder_options(deploy, param.dtype, device)
+        imported = has_packed(model)
         root = home() / "runtimes" / cls.name
         root.mkdir(parents=True, exist_ok=True)
         _sweep(root)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=root))
         try:
             hf = staging / "hf"
-            _save_float32(model, tokenizer, hf)
+            if imported:
+                extra = extra + _import_options(deploy, write_gptq(model, tokenizer, hf))
+            else:
+                _save_float32(model, tokenizer, hf)
             key = _cache_key(hf, deploy, precision, provider, extra)
             entry = root / key
             if (entry / BUILD_FILE).is_file():
                 log.info("onnxruntime-genai: cache hit %s", entry)
             else:
-                _build_into(hf, staging / "out", precision, provider, extra, staging / "cache")
+                _build_into(hf, staging / "out", precision, provider, extra, staging / "cache",
+                            source=IMPORTED if imported else None)
                 _place(staging / "out", entry)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -134,6 +149,8 @@ class OrtGenAIRuntime(Runtime):
         options = {"weights": self.deploy.weights, "execution_provider": self.execution_provider}
         if self.deploy.weights != "dense":
             options |= {"block_size": str(self.deploy.block_size), "accuracy_level": str(self.deploy.accuracy_level)}
+        if self.weights_source:
+            options["weights_source"] = self.weights_source
         return RuntimeDescription(
             name=self.name, version=version("onnxruntime-genai"), dtype=self.dtype, device=self.device,
             threads=torch.get_num_threads() if self.device == "cpu" else None, kernels=self.kernels,
@@ -202,6 +219,18 @@ def _builder_options(deploy: Deploy, model_dtype: torch.dtype, device: str) -> t
     return deploy.weights, provider, extra
 
 
+def _import_options(deploy: Deploy, codes: GptqExport) -> list[str]:
+    """Builder options for imported GPTQ codes; refuses a deploy that names another width or block size."""
+    want = GPTQ_BITS[codes.bits]
+    if deploy.weights != want:
+        raise ConfigError(f"the model holds {codes.bits}-bit GPTQ codes, which onnxruntime-genai imports as "
+                          f"weights: {want}, not {deploy.weights}; set weights: {want}")
+    if deploy.block_size != codes.group_size:
+        raise ConfigError(f"the model's GPTQ codes come in groups of {codes.group_size}, which become the MatMulNBits "
+                          f"blocks; set block_size: {codes.group_size}, not {deploy.block_size}")
+    return ["nodes_to_exclude=/lm_head/MatMul"]  # the head is float in torch: the builder must not quantize it
+
+
 def _save_float32(model: torch.nn.Module, tokenizer, out: Path) -> None:
     """Saves ``model`` as float32 on CPU (tied weights stay tied), without touching the model itself."""
     cast: dict[tuple, torch.Tensor] = {}
@@ -228,8 +257,10 @@ def _cache_key(hf: Path, deploy: Deploy, precision: str, provider: str, extra: l
     return h.hexdigest()[:20]
 
 
-def _build_into(hf: Path, out: Path, precision: str, provider: str, extra: list[str], cache: Path) -> None:
-    """Runs the model builder (its prints captured to the debug log) and writes :data:`BUILD_FILE`."""
+def _build_into(hf: Path, out: Path, precision: str, provider: str, extra: list[str], cache: Path,
+                source: str | None = None) -> None:
+    """Runs the model builder (its prints captured to the debug log) and writes :data:`BUILD_FILE`
+    (with ``weights_source`` when the weights were imported, not quantized by the builder)."""
     builder = _import_builder()
     captured = io.StringIO()
     log.info("onnxruntime-genai: building %s %s model", precision, provider)
@@ -244,6 +275,8 @@ def _build_into(hf: Path, out: Path, precision: str, provider: str, extra: list[
     log.debug("model builder output:\n%s", captured.getvalue())
     meta = {"dtype": _IO_DTYPES[_io_precision(precision, provider, extra)], "execution_provider": provider,
             "kernels": list(_kernels(out / "model.onnx"))}
+    if source:
+        meta["weights_source"] = source
     (out / BUILD_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
@@ -265,7 +298,18 @@ def _import_builder():
     )
 
     root.handlers[:], root.level = handlers, level
+    quantizer = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    if not any(isinstance(f, _GatherAt8Bits) for f in quantizer.filters):
+        quantizer.addFilter(_GatherAt8Bits())
     return builder
+
+
+class _GatherAt8Bits(logging.Filter):
+    """An int8 build logs ERROR "Gather only supports 4 bits quantization" and leaves the embedding
+    lookup dense, as intended (the build record's kernels show it): not an error of the build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Gather only supports 4 bits" not in record.getMessage()
 
 
 def _kernels(model_onnx: Path) -> tuple[str, ...]:

@@ -72,10 +72,15 @@ def score_finalists(study: optuna.Study, spec: SearchSpec, target: Goal, runner:
     recs = study_storage.records(study)
     finalists = [r for r in recs if r.confirmed is not None] or confirm.to_confirm(recs, target,
                                                                                    max(2, spec.confirm_top))
+    baseline = [r for r in recs if r.is_baseline and r.measured]
     todo = [r for r in finalists if r.final is None or r.final.limit != fid.final_limit]
-    if not todo:
+    if not todo and all(r.final is not None and r.final.limit == fid.final_limit for r in baseline):
         return 0.0
     base = runner.baseline_score(fid.final_limit, progress=progress)
+    for rec in baseline:  # the table then shows the baseline on the finalists' items too
+        study_storage.save_final(study, rec.number, rung_score(base, base), base)
+        write_json(rd.trial_path(rec.number), rec.model_copy(update={"final": rung_score(base, base),
+                                                                    "final_eval": base}))
     for i, rec in enumerate(todo):
         if progress:
             progress("final accuracy", i, len(todo))
@@ -99,7 +104,8 @@ def finalist_tests(records: Sequence[TrialRecord], chosen: TrialRecord | None) -
         return ()
     out = []
     for r in records:
-        if r.number == chosen.number or r.final_eval is None or r.final_eval.limit != chosen.final_eval.limit:
+        if r.number == chosen.number or r.is_baseline or r.final_eval is None \
+                or r.final_eval.limit != chosen.final_eval.limit:
             continue
         paired = paired_accuracy(chosen.final_eval, r.final_eval)
         if paired is not None:
