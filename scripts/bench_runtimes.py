@@ -58,6 +58,10 @@ ROWS: tuple[tuple[str, Variant], ...] = (
     ("bitsandbytes NF4 (fp32 activations)", Variant(steps=(QuantizeStep(method="bnb_nf4", bits=4),))),
     ("onnxruntime-genai int4 b32 acc4", Variant(deploy=Deploy(runtime="onnxruntime-genai", weights="int4"))),
     ("onnxruntime-genai int8 b32 acc4", Variant(deploy=Deploy(runtime="onnxruntime-genai", weights="int8"))),
+    # greenopt's calibrated GPTQ codes imported into MatMulNBits (runtimes.gptq_export), not the builder's RTN
+    ("onnxruntime-genai int4 b32 acc4, gptq codes",
+     Variant(steps=(QuantizeStep(method="gptq", bits=4, group_size=32),),
+             deploy=Deploy(runtime="onnxruntime-genai", weights="int4"))),
     # greenopt[llamacpp] (make llamacpp); without it these rows say how to install it
     ("llama.cpp Q8_0", Variant(deploy=Deploy(runtime="llama.cpp", weights="q8_0"))),
     ("llama.cpp Q4_K_M", Variant(deploy=Deploy(runtime="llama.cpp", weights="q4_k_m"))),

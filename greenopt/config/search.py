@@ -89,6 +89,10 @@ class SpaceSpec(Strict):
     # quantization types).
     runtimes: tuple[Literal["onnxruntime-genai", "llama.cpp"], ...] = ()
     runtime_weights: tuple[Literal["dense", "int8", "int4"], ...] = ("int4",)
+    # Where onnxruntime-genai's int4/int8 weights come from: "builder" (its own round-to-nearest of
+    # the float weights), or greenopt's "gptq"/"rtn" codes of every decoder Linear, imported unchanged
+    # (group size = block_size); two or more sample it.
+    ort_codes: tuple[Literal["builder", "gptq", "rtn"], ...] = ("builder",)
     llamacpp_weights: tuple[LlamaCppWeights, ...] = ("q8_0", "q4_k_m")
     # transformers with a static KV cache and torch.compile (Deploy.compile): (False, True) samples both.
     compile: tuple[bool, ...] = (False,)
@@ -110,7 +114,7 @@ class SpaceSpec(Strict):
         return tuple(sorted(set(v), reverse=True))
 
     @field_validator("dtypes", "runtimes", "runtime_weights", "block_sizes", "accuracy_levels", "llamacpp_weights",
-                     "compile")
+                     "compile", "ort_codes")
     @classmethod
     def _distinct(cls, v: tuple) -> tuple:
         return tuple(dict.fromkeys(v))

@@ -39,11 +39,23 @@ from pathlib import Path
 import torch
 
 from greenopt.compress import ApplyContext, apply
-from greenopt.config import RUNTIME_EXTRAS, CalibSpec, Deploy, DepthStep, HealStep, PruneStep, Step, Variant, WidthStep
+from greenopt.config import (
+    RUNTIME_EXTRAS,
+    CalibSpec,
+    Deploy,
+    DepthStep,
+    HealStep,
+    PruneStep,
+    QuantizeStep,
+    Step,
+    Variant,
+    WidthStep,
+)
 from greenopt.env import cpu_has_bf16, cpu_has_fp16
 from greenopt.errors import ConfigError
 from greenopt.records import ApplyReport
 from greenopt.runtimes.base import Runtime
+from greenopt.runtimes.gptq_export import step_refusal
 from greenopt.runtimes.hf import TransformersRuntime, weight_kernels
 
 __all__ = ["RUNTIMES", "Runtime", "TransformersRuntime", "as_runtime", "cast", "deploy", "load_artifact", "realise",
@@ -75,7 +87,7 @@ def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
     """
     if deploy.runtime != "transformers":
         for step in steps:
-            reason = _unreadable(deploy.runtime, step)
+            reason = _unreadable(deploy, step)
             if reason:
                 return reason
         if deploy.runtime == "llama.cpp":  # f16 GGUF runs on F16C conversions, which every x86-64-v3 CPU has
@@ -97,8 +109,9 @@ def unrealisable(deploy: Deploy, steps: Iterable[Step], device: str = "cpu",
     return None
 
 
-def _unreadable(runtime: str, step: Step) -> str | None:
-    """Why ``runtime`` (not transformers) cannot read what ``step`` makes, one line, or None."""
+def _unreadable(deploy: Deploy, step: Step) -> str | None:
+    """Why ``deploy``'s runtime (not transformers) cannot read what ``step`` makes, one line, or None."""
+    runtime = deploy.runtime
     if runtime == "llama.cpp":
         if step.kind == "quantize":
             return ("llama.cpp cannot realise a quantize step (greenopt's own packed weights; llama.cpp quantizes "
@@ -109,6 +122,8 @@ def _unreadable(runtime: str, step: Step) -> str | None:
         if isinstance(step, WidthStep) and step.layers is not None:
             return (f"llama.cpp cannot realise a width step on layers {step.layers} (its llama architecture has one "
                     "FFN width and head count for all layers); leave layers unset, or runtime: transformers")
+    if runtime == "onnxruntime-genai" and isinstance(step, QuantizeStep):
+        return step_refusal(step, deploy)  # gptq/rtn codes are imported as a GPTQ checkpoint
     if not isinstance(step, _PLAIN_CHECKPOINT_STEPS):
         return (f"{runtime} cannot realise a {step.kind} step (it reads ordinary checkpoints: "
                 "depth, width, prune and heal steps); use its own weights: int4/int8, "

@@ -228,7 +228,8 @@ def _import_options(deploy: Deploy, codes: GptqExport) -> list[str]:
     if deploy.block_size != codes.group_size:
         raise ConfigError(f"the model's GPTQ codes come in groups of {codes.group_size}, which become the MatMulNBits "
                           f"blocks; set block_size: {codes.group_size}, not {deploy.block_size}")
-    return ["nodes_to_exclude=/lm_head/MatMul"]  # the head is float in torch: the builder must not quantize it
+    # The head and embedding are float in torch; the builder would quantize them (a tied pair too).
+    return ["nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"]
 
 
 def _save_float32(model: torch.nn.Module, tokenizer, out: Path) -> None:

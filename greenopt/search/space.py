@@ -108,6 +108,8 @@ def _deploy_dims(spec: SpaceSpec) -> list[Dim]:
         for name, choices in (("deploy.block_size", spec.block_sizes), ("deploy.accuracy_level", spec.accuracy_levels)):
             if len(choices) > 1:
                 out.append(Dim(name, "cat", choices, identity=choices[0]))
+        if len(spec.ort_codes) > 1 and set(weights) - {"dense"}:
+            out.append(Dim("deploy.ort_codes", "cat", spec.ort_codes, identity=spec.ort_codes[0]))
     return out
 
 
@@ -238,10 +240,15 @@ def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
     deploy = _deploy(p, spec)
     if deploy.runtime != "transformers":  # it reads ordinary checkpoints: its own weight format replaces
         steps = [s for s in steps if isinstance(s, _PLAIN_STEPS)]  # quantize steps; MoE splits are not sampled
+        codes = p.get("deploy.ort_codes", spec.ort_codes[0])
+        if deploy.runtime == "onnxruntime-genai" and deploy.weights != "dense" and codes != "builder":
+            # greenopt's codes, imported as a GPTQ checkpoint (runtimes.gptq_export): every decoder Linear
+            steps.append(QuantizeStep(method=codes, bits=_IMPORT_BITS[deploy.weights], group_size=deploy.block_size))
     return Variant(steps=tuple(steps), deploy=deploy)
 
 
 _PLAIN_STEPS = (DepthStep, WidthStep, PruneStep)
+_IMPORT_BITS = {"int4": 4, "int8": 8}
 
 
 def _deploy(p: dict[str, Any], spec: SpaceSpec) -> Deploy:
@@ -261,8 +268,15 @@ def not_sampled(spec: SpaceSpec) -> list[str]:
         own = spec.llamacpp_weights if r == "llama.cpp" else spec.runtime_weights
         return "/".join(w for w in own if w != "dense") or "dense"
 
+    def imported(r: str) -> str:
+        codes = [c for c in spec.ort_codes if c != "builder"]
+        if r != "onnxruntime-genai" or not codes:
+            return ""
+        return f", and greenopt's {'/'.join(codes)} codes of every decoder Linear in place of the builder's"
+
     return [f"{r}: quantize and MoE moves are not sampled for it (it reads ordinary checkpoints and "
-            f"quantizes with its own {formats(r)} weights); depth, width and prune moves are" for r in spec.runtimes]
+            f"quantizes with its own {formats(r)} weights); depth, width and prune moves are{imported(r)}"
+            for r in spec.runtimes]
 
 
 def _r(x: float) -> float:
@@ -321,7 +335,9 @@ def space_for_model(space: SpaceSpec, config: Any) -> tuple[SpaceSpec, dict[str,
     """``space`` without the dimensions that do not apply to a model, and ``{left-out field: why}``.
 
     On a tied model (``tie_word_embeddings``) the input embedding is the head's tensor:
-    ``bits.lm_head`` quantizes both at once, so ``embedding_bits`` is left out.
+    ``bits.lm_head`` quantizes both at once, so ``embedding_bits`` is left out. Imported
+    onnxruntime-genai codes (``ort_codes``) are left out when a sampled block size does not
+    divide the decoder Linears' input widths (the codes' groups become the blocks).
 
     Args:
         space: the requested space.
@@ -334,6 +350,23 @@ def space_for_model(space: SpaceSpec, config: Any) -> tuple[SpaceSpec, dict[str,
     if set(space.embedding_bits) - {16} and ties_embeddings(config):
         left_out["embedding_bits"] = ("the model ties its input embedding to lm_head (tie_word_embeddings): one "
                                       "tensor, quantized with the head by lm_head_bits")
+    widths = _linear_inputs(config)
+    blocks = [b for b in space.block_sizes if widths and any(w % b for w in widths)]
+    if set(space.ort_codes) - {"builder"} and "onnxruntime-genai" in space.runtimes and blocks:
+        left_out["ort_codes"] = (f"block_size {'/'.join(map(str, blocks))} does not divide the decoder Linears' "
+                                 f"{'/'.join(map(str, widths))} input features, and imported codes keep their groups "
+                                 "as MatMulNBits blocks; sample block sizes that divide them")
     for choice, why in left_out.items():
         log.warning("left out of the search space: %s: %s", choice, why)
-    return (space.model_copy(update={"embedding_bits": (16,)}) if left_out else space), left_out
+    update = {"embedding_bits": (16,)} if "embedding_bits" in left_out else {}
+    if "ort_codes" in left_out:
+        update["ort_codes"] = ("builder",)
+    return (space.model_copy(update=update) if update else space), left_out
+
+
+def _linear_inputs(config: Any) -> tuple[int, ...]:
+    """The decoder Linears' input widths a llama-like config gives (hidden, intermediate), or ()."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    widths = (getattr(text, "hidden_size", None), getattr(text, "intermediate_size", None))
+    return tuple(sorted({w for w in widths if isinstance(w, int)}))
