@@ -175,7 +175,7 @@ def test_heal_without_a_tokenizer_is_refused():
 
 def test_heal_step_validates_its_fields():
     assert Variant.model_validate({"steps": [{"kind": "heal"}]}).steps[0] == HealStep()
-    for bad in ({"max_seconds": 0}, {"steps": 0}, {"mode": "lora"}, {"temperature": 0}, {"stepz": 3}):
+    for bad in ({"max_seconds": 0}, {"steps": 0}, {"mode": "qlora"}, {"rank": 0}, {"temperature": 0}, {"stepz": 3}):
         with pytest.raises(ValidationError):
             HealStep(**bad)
 
@@ -187,6 +187,11 @@ def test_variant_hashes_without_heal_are_unchanged():
     assert Variant(steps=(PruneStep(sparsity=0.5),)).hash == "bf3367172f86"
     assert Variant().hash == "4f53cda18c2b"
     assert Variant(steps=(DepthStep(drop=8), HealStep())).hash != "e35640ecf231"
+    # full-mode heal hashes from before lora existed: rank does not count in full mode
+    assert Variant(steps=(DepthStep(drop=8), HealStep())).hash == "c3c2009ef4bc"
+    assert Variant(steps=(DepthStep(drop=8), HealStep(rank=4))).hash == "c3c2009ef4bc"
+    lora = Variant(steps=(DepthStep(drop=8), HealStep(mode="lora")))
+    assert lora.hash not in ("c3c2009ef4bc", Variant(steps=(DepthStep(drop=8), HealStep(mode="lora", rank=4))).hash)
 
 
 def test_a_healed_variant_exports_and_reloads_with_the_measured_weights(tmp_path):
@@ -220,3 +225,48 @@ def test_a_few_heal_steps_lower_the_kl_of_a_depth_cut_default_model():
     kl_before, kl_after = map(float, re.search(r"KL ([0-9.]+) -> ([0-9.]+)", report.steps[1].summary).groups())
     assert kl_before > 0.5 and kl_after < 0.9 * kl_before, report.steps[1].summary
     assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+LORA = HEAL.model_copy(update={"mode": "lora", "rank": 4, "lr": 3e-3})
+
+
+def test_lora_heal_lowers_kl_trains_only_adapters_and_merges_them():
+    teacher = tiny_llama()
+    cut, _ = _applied(DepthStep(drop=1))
+    healed, report = _applied(DepthStep(drop=1), LORA)
+    assert _held_kl(teacher, healed) < 0.8 * _held_kl(teacher, cut)
+    assert all(not m._forward_hooks for m in healed.modules())  # merged: an ordinary model again
+    assert sorted(n for n, _ in healed.named_parameters()) == sorted(n for n, _ in cut.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(dict(healed.named_parameters())[name], dict(cut.named_parameters())[name])
+    rep = report.steps[1]
+    linears = 3 * 7  # 3 layers left, 7 Linears each
+    assert any(f"rank-4 adapters on {linears} decoder Linears, merged" in n for n in rep.notes), rep.notes
+    assert rep.params_after == rep.params_before
+
+
+def test_lora_heal_is_seeded_and_keeps_pruned_zeros():
+    a, _ = _applied(PruneStep(sparsity=0.5, method="magnitude"), LORA)
+    b, _ = _applied(PruneStep(sparsity=0.5, method="magnitude"), LORA)
+    pruned, _ = _applied(PruneStep(sparsity=0.5, method="magnitude"))
+    assert _same_weights(a, b) and not _same_weights(a, pruned)
+    for (n, w), (_, w0) in zip(a.named_parameters(), pruned.named_parameters(), strict=True):
+        if n.endswith("proj.weight"):
+            assert torch.equal(w == 0, w0 == 0), n
+
+
+def test_lora_outputs_before_merging_equal_the_merged_model():
+    """The hook adds exactly what the merge writes: the trained function is the exported one."""
+    from greenopt.compress.heal import _add_adapters, _merge
+
+    model = tiny_llama()
+    adapters = _add_adapters(model, LORA, {})
+    with torch.no_grad():
+        for ad in adapters:
+            ad.b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        hooked = model(PROBE).logits
+    _merge(adapters, {})
+    with torch.no_grad():
+        merged = model(PROBE).logits
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(merged, tiny_llama()(PROBE).logits.detach())

@@ -167,3 +167,22 @@ def test_a_space_with_nothing_to_move_has_no_single_moves():
 
     spec = SpaceSpec(bits=(), prune=(), depth_drop_max=0, ffn_keep_min=1, dtypes=())
     assert single_moves(spec, 30) == []
+
+
+def test_the_space_heals_structural_and_prune_moves_before_quantizing():
+    from greenopt.config import HealStep
+
+    heal = HealStep(steps=20, batch=4, seq_len=128, max_seconds=3600)
+    spec = SpaceSpec(heal=heal, runtimes=("onnxruntime-genai",))
+    assert ("heal", (False, True)) in [(d.name, d.choices) for d in dims(spec, 12)]
+    base = baseline_params(spec, 12)
+    assert base["heal"] is False and build(base, spec, 12).is_baseline
+    cut = {**base, "depth.drop": 2, "bits.g0.attn": 4, "heal": True}
+    assert [s.kind for s in build(cut, spec, 12).steps] == ["depth", "heal", "quantize"]
+    assert build(cut, spec, 12).steps[1] == heal
+    assert [s.kind for s in build({**cut, "heal": False}, spec, 12).steps] == ["depth", "quantize"]
+    quant_only = {**base, "bits.g0.attn": 4, "heal": True}  # nothing to heal from: heal changes nothing
+    assert build(quant_only, spec, 12) == build({**quant_only, "heal": False}, spec, 12)
+    ort = build({**cut, "deploy.runtime": "onnxruntime-genai"}, spec, 12)
+    assert [s.kind for s in ort.steps] == ["depth", "heal"]  # a healed checkpoint is an ordinary one
+    assert "heal" not in [d.name for d in dims(SpaceSpec(), 12)]

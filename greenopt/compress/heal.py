@@ -15,6 +15,13 @@ other articles with ``seed``, in a fixed order. Training stops after ``steps`` o
 or at the first step boundary after ``max_seconds`` of training, whichever comes first, and
 the report says which.
 
+With ``mode: lora`` the weights stay frozen while rank-``rank`` adapters ``B @ A`` (A seeded,
+B zero, so training starts at the cut model) train on every decoder Linear, added to its output
+through a forward hook; after training each product is merged into its weight (``W += B @ A``)
+and the hooks are removed, so the result is an ordinary checkpoint with the same shapes, and a
+pruned weight's zeros are kept (the merged update is masked). It trains a few percent of the
+parameters (the head and embedding not at all) and keeps AdamW's state that small.
+
 Order: heal trains dense float weights, so it comes before any quantize step (heal, then
 quantize). Pruned weights stay pruned: when a prune step comes earlier in the variant, every
 exact zero of a Linear weight is kept zero by re-applying its mask after every optimizer step;
@@ -35,6 +42,7 @@ from greenopt import offline
 from greenopt.compress import snapshot, step_report
 from greenopt.compress.calibration import text_windows
 from greenopt.compress.q_packed import PackedEmbedding, PackedLinear
+from greenopt.compress.targeting import decoder_layers
 from greenopt.config import HealStep
 from greenopt.errors import MoveError
 from greenopt.records import StepReport
@@ -87,27 +95,33 @@ def apply(model: torch.nn.Module, step: HealStep, ctx) -> StepReport:
                         "which keeps the model as it was before the variant's first step")
     before = snapshot(model)
     train, held = heal_windows(ctx.tokenizer, step)
-    params = _trainable(model)
     zeros = _zero_masks(model, 0.0 if "prune" in ctx.earlier else _PRUNED_SHARE)
     kl_before = mean_kl_nats(teacher, model, held)
+    masks = {id(w): z for w, z in zeros}
+    adapters = _add_adapters(model, step, masks) if step.mode == "lora" else []
+    params = [p for a in adapters for p in (a.a, a.b)] if adapters else _trainable(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        run = _train(model, teacher, train, params, zeros, step)
+        run = _train(model, teacher, train, params, [] if adapters else zeros, step)
     finally:
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
+        _merge(adapters, masks)
         model.eval()
     kl_after = mean_kl_nats(teacher, model, held)
     steps_run = run[0]
     log.info("heal: KL %.4f -> %.4f nats/token after %d steps (%s)", kl_before, kl_after, steps_run, run[3])
-    notes = _notes(step, (kl_before, kl_after), run, held, params, zeros)
-    trained = {id(p) for p in params}
-    owners = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if id(p) in trained}
+    notes = _notes(step, (kl_before, kl_after), run, held, params, zeros, adapters)
+    if adapters:
+        owners = {id(a.module) for a in adapters}
+    else:
+        trained = {id(p) for p in params}
+        owners = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if id(p) in trained}
     summary = f"healed by distillation: KL {kl_before:.4f} -> {kl_after:.4f} nats/token in {steps_run} steps"
     return step_report("heal", summary, model, before, len(owners), notes=notes)
 
@@ -179,20 +193,67 @@ def _train(model, teacher, windows, params, zeros, step: HealStep) -> tuple[int,
 
 
 def _notes(step: HealStep, kl: tuple[float, float], run: tuple[int, int, float, str], held, params,
-           zeros) -> tuple[str, ...]:
+           zeros, adapters=()) -> tuple[str, ...]:
     steps_run, tokens, seconds, reason = run
     clock = f" (max_seconds={step.max_seconds:g})" if reason == "max_seconds" else ""
+    what = (f"rank-{step.rank} adapters on {len(adapters)} decoder Linears, merged into their weights"
+            if adapters else f"{len(params)} float tensors")
     notes = [(f"KL to the teacher {kl[0]:.4f} -> {kl[1]:.4f} nats/token (temperature 1, "
               f"{held.numel()} tokens in {held.shape[0]} held-out calibration windows)"),
              f"{steps_run} of {step.steps} steps run; stopped by {reason}{clock}",
              f"{tokens} training tokens seen in {seconds:.1f} s of training",
-             (f"trained {len(params)} float tensors ({sum(p.numel() for p in params)} parameters), AdamW lr "
+             (f"trained {what} ({sum(p.numel() for p in params)} parameters), AdamW lr "
               f"{step.lr:g}, temperature {step.temperature:g}")]
     if zeros:
         notes.append(f"kept {sum(int(z.sum()) for _, z in zeros)} zero weights in {len(zeros)} modules zero")
     if reason == "max_seconds":
         notes.append("stopped by the clock: re-applying this variant may run a different number of steps")
     return tuple(notes)
+
+
+class _Adapter:
+    """One Linear's LoRA pair (float32, on its device) and the hook that adds ``x @ (B @ A).T``
+    (the product masked to the weight's nonzeros when it is pruned, as it will be merged)."""
+
+    def __init__(self, module: torch.nn.Linear, rank: int, generator: torch.Generator,
+                 zero: torch.Tensor | None) -> None:
+        self.module = module
+        w = module.weight
+        a = torch.empty(rank, module.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=generator)  # as nn.Linear (and peft) do
+        self.a = torch.nn.Parameter(a.to(w.device))
+        self.b = torch.nn.Parameter(torch.zeros(module.out_features, rank, device=w.device))
+        self.keep = None if zero is None else (~zero).float()
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        x = args[0].float()
+        if self.keep is None:
+            return out + F.linear(F.linear(x, self.a), self.b).to(out.dtype)
+        return out + F.linear(x, (self.b @ self.a) * self.keep).to(out.dtype)
+
+
+def _add_adapters(model: torch.nn.Module, step: HealStep, zeros: dict[int, torch.Tensor]) -> list[_Adapter]:
+    layers = decoder_layers(model)
+    generator = torch.Generator().manual_seed(step.seed)
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear) and type(m.weight) is torch.nn.Parameter]
+    if not linears:
+        raise MoveError("heal: mode lora found no Linear in the decoder layers; use mode: full")
+    return [_Adapter(m, min(step.rank, m.in_features, m.out_features), generator, zeros.get(id(m.weight)))
+            for m in linears]
+
+
+@torch.no_grad()
+def _merge(adapters: list[_Adapter], zeros: dict[int, torch.Tensor]) -> None:
+    """Adds each adapter's ``B @ A`` into its weight (masked where the weight is pruned) and unhooks it."""
+    for ad in adapters:
+        ad.handle.remove()
+        w = ad.module.weight
+        delta = (ad.b @ ad.a).to(w.dtype)
+        zero = zeros.get(id(w))
+        if zero is not None:
+            delta.masked_fill_(zero, 0)
+        w.add_(delta)
 
 
 def _logits(model: torch.nn.Module, ids: torch.LongTensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from greenopt.config._base import Strict
 from greenopt.config.evaluation import CalibSpec, EvalSpec, KLSpec
 from greenopt.config.protocol import PROTOCOL_PRESETS
 from greenopt.config.runtime import RuntimeSpec
-from greenopt.config.variant import LlamaCppWeights, QuantMethod
+from greenopt.config.variant import HealStep, LlamaCppWeights, QuantMethod
 
 SpaceBits = Literal[16, 8, 4, 3, 2]
 
@@ -81,6 +81,10 @@ class SpaceSpec(Strict):
     moefy_experts: tuple[int, ...] = ()  # e.g. (4, 8); "no MoE" always allowed
     moefy_top_k: tuple[int, ...] = (1, 2)
     expert_keep_min: float = Field(1.0, gt=0, le=1)  # for models that are already MoE
+    # A heal step (logit distillation) the search may add after a variant's depth, width, MoE and
+    # prune moves, before its quantize steps: sampled on or off. None: never healed. Bound it by
+    # steps (max_seconds as a safety net): a clock-bound heal can differ between two applications.
+    heal: HealStep | None = None
     # The deployment is part of the variant. Compute dtypes tried on transformers beside the dtype
     # the model is loaded in; a search leaves out those without a fast path on its machine (kernel probe).
     dtypes: tuple[Literal["bfloat16", "float16"], ...] = ("bfloat16",)

@@ -130,7 +130,9 @@ class ExpertPruneStep(Strict):
 class HealStep(Strict):
     """Logit distillation from the model as it was before the variant's first step.
 
-    Trains the remaining float parameters (``mode: full``) to match the teacher's next-token
+    Trains the remaining float parameters (``mode: full``), or rank-``rank`` adapters on every
+    decoder Linear that are then merged into its weight (``mode: lora``: the model keeps its
+    shapes and sparsity, and trains far fewer parameters), to match the teacher's next-token
     distributions on calibration text, for ``steps`` optimizer steps or ``max_seconds`` of
     training, whichever comes first. Put it after the structural moves and before any
     quantize step (heal, then quantize).
@@ -144,8 +146,17 @@ class HealStep(Strict):
     seq_len: int = Field(256, ge=8)
     temperature: float = Field(1.0, gt=0)
     seed: int = 0
-    mode: Literal["full"] = "full"
+    mode: Literal["full", "lora"] = "full"
+    rank: int = Field(8, ge=1, le=256)  # lora only: the adapters' rank
     heldout_rows: int = Field(16, ge=1)  # held-out calibration windows that measure KL before and after
+
+    def hash_payload(self) -> dict:
+        """What of the step a variant's hash covers: ``rank`` only in lora mode (so full-mode
+        hashes from before lora existed stay as they were)."""
+        out = self.model_dump(mode="json")
+        if self.mode == "full":
+            del out["rank"]
+        return out
 
 
 Step = Annotated[
@@ -248,7 +259,7 @@ class Variant(Strict):
     @property
     def hash(self) -> str:
         """Stable 12-hex-digit hash of the steps and a non-reference deployment (the name does not count)."""
-        steps = [s.model_dump(mode="json") for s in self.steps]
+        steps = [s.hash_payload() if isinstance(s, HealStep) else s.model_dump(mode="json") for s in self.steps]
         payload = json.dumps(steps if self.deploy.is_reference else {"steps": steps,
                              "deploy": self.deploy.hash_payload()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

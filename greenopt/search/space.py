@@ -28,6 +28,7 @@ from greenopt.config import (
     Deploy,
     DepthStep,
     ExpertPruneStep,
+    HealStep,
     MoefyStep,
     PruneStep,
     QuantizeStep,
@@ -88,6 +89,8 @@ def dims(spec: SpaceSpec, num_layers: int) -> list[Dim]:
     if spec.moefy_experts:
         out.append(Dim("moefy.experts", "cat", (0,) + spec.moefy_experts, identity=0))
         out.append(Dim("moefy.top_k", "cat", spec.moefy_top_k, identity=spec.moefy_top_k[0]))
+    if spec.heal is not None:
+        out.append(Dim("heal", "cat", (False, True), identity=False))
     return out + _deploy_dims(spec)
 
 
@@ -212,8 +215,9 @@ def sample(trial: Any, spec: SpaceSpec, num_layers: int) -> Variant:
 def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
     """Builds the Variant for a parameter dict (missing dimensions take their identity).
 
-    Steps run structural moves first (depth, width, MoE), then pruning, then quantization,
-    whose layer groups are computed over the layers that remain after the depth cut.
+    Steps run structural moves first (depth, width, MoE), then pruning, then the space's heal
+    step when it is sampled on and one of those moves is there, then quantization, whose layer
+    groups are computed over the layers that remain after the depth cut.
 
     Raises:
         ValueError: a parameter value outside what the space allows.
@@ -240,14 +244,22 @@ def build(params: dict[str, Any], spec: SpaceSpec, num_layers: int) -> Variant:
     deploy = _deploy(p, spec)
     if deploy.runtime != "transformers":  # it reads ordinary checkpoints: its own weight format replaces
         steps = [s for s in steps if isinstance(s, _PLAIN_STEPS)]  # quantize steps; MoE splits are not sampled
-        codes = p.get("deploy.ort_codes", spec.ort_codes[0])
-        if deploy.runtime == "onnxruntime-genai" and deploy.weights != "dense" and codes != "builder":
-            # greenopt's codes, imported as a GPTQ checkpoint (runtimes.gptq_export): every decoder Linear
-            steps.append(QuantizeStep(method=codes, bits=_IMPORT_BITS[deploy.weights], group_size=deploy.block_size))
-    return Variant(steps=tuple(steps), deploy=deploy)
+    if spec.heal is not None and p.get("heal", False) and any(isinstance(s, _HEALABLE) for s in steps):
+        cut = next((i for i, s in enumerate(steps) if isinstance(s, QuantizeStep)), len(steps))
+        steps.insert(cut, spec.heal)  # heal, then quantize
+    return Variant(steps=tuple(steps + _imported_codes(p, spec, deploy)), deploy=deploy)
 
 
-_PLAIN_STEPS = (DepthStep, WidthStep, PruneStep)
+def _imported_codes(p: dict[str, Any], spec: SpaceSpec, deploy: Deploy) -> list[QuantizeStep]:
+    # greenopt's codes of every decoder Linear, imported by onnxruntime-genai as a GPTQ checkpoint
+    codes = p.get("deploy.ort_codes", spec.ort_codes[0])
+    if deploy.runtime != "onnxruntime-genai" or deploy.weights == "dense" or codes == "builder":
+        return []
+    return [QuantizeStep(method=codes, bits=_IMPORT_BITS[deploy.weights], group_size=deploy.block_size)]
+
+
+_PLAIN_STEPS = (DepthStep, WidthStep, PruneStep, HealStep)
+_HEALABLE = (DepthStep, WidthStep, MoefyStep, ExpertPruneStep, PruneStep)  # moves a heal can recover from
 _IMPORT_BITS = {"int4": 4, "int8": 8}
 
 
@@ -275,7 +287,7 @@ def not_sampled(spec: SpaceSpec) -> list[str]:
         return f", and greenopt's {'/'.join(codes)} codes of every decoder Linear in place of the builder's"
 
     return [f"{r}: quantize and MoE moves are not sampled for it (it reads ordinary checkpoints and "
-            f"quantizes with its own {formats(r)} weights); depth, width and prune moves are{imported(r)}"
+            f"quantizes with its own {formats(r)} weights); depth, width, prune and heal moves are{imported(r)}"
             for r in spec.runtimes]
 
 
