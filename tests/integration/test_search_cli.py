@@ -25,7 +25,7 @@ def test_real_three_trial_search_on_tiny_llama(tmp_path):
         space=SpaceSpec(bits=(8, 4), methods=("rtn",), group_size=16, layer_groups=2, prune=("2:4",),
                         depth_drop_max=0.25, ffn_keep_min=0.75),
         fidelity=FidelitySpec(perplexity_windows=2, perplexity_tokens=32, perplexity_cut=1e6,
-                              quick_protocol="smoke", energy_cut=None, protocol="smoke",
+                              quick_protocol="smoke", energy_cut=None, protocol="smoke", rungs=(8,), final_limit=12,
                               eval=EvalSpec(tasks=("arc_easy",), limit=4, batch_size=4)),
     )
     runner = TransformersRunner(spec, model=tiny_llama(layers=4), tokenizer=tiny_tokenizer(), meter=FakeMeter(), device="cpu")
@@ -36,8 +36,11 @@ def test_real_three_trial_search_on_tiny_llama(tmp_path):
     assert [r.state for r in recs] == ["COMPLETE"] * 3, [r.reason for r in recs]
     for r in recs:
         assert r.comparison.candidate.protocol_id == "GO-1/b1/p8-n4"
-        assert r.eval.score("arc_easy").n == 4
+        assert r.rungs[0].limit == 4 and r.rungs[0].n == 4  # every trial: the first rung's 4 items
+        assert r.eval.score("arc_easy").n == r.rungs[-1].n in (4, 8)  # a climb to the second rung re-scores on 8
+        assert r.final is None or (r.final.limit == 12 and r.final_eval.score("arc_easy").n == 12)
         assert r.grade.worst_letter in "ABCDEFG"
+    assert any(r.final is not None for r in recs)  # the finalists (and the baseline) on final_limit items
     assert recs[1].apply.variant_hash == recs[1].variant_hash and recs[1].quick.perplexity > 0
     assert res.chosen is not None and load_variant(tmp_path / spec.run_name / "chosen.yaml").steps == \
         next(r.variant.steps for r in recs if r.number == res.chosen.number)
