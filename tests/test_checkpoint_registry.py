@@ -9,7 +9,7 @@ import torch
 
 from greenopt.config import QuantizeStep, Variant
 from greenopt.errors import ConfigError
-from greenopt.models import checkpoint
+from greenopt.models import checkpoint, module_kinds
 from greenopt.ship import ExportProvenance, export, load
 from greenopt.testing import tiny_llama, tiny_tokenizer
 
@@ -36,7 +36,7 @@ def _tamper(folder, edit):
 
 
 def test_every_kind_greenopt_writes_is_registered():
-    assert set(checkpoint.KINDS) == {"packed_tied", "packed_linear", "packed_embedding", "bnb_4bit", "bnb_int8",
+    assert set(module_kinds.KINDS) == {"packed_tied", "packed_linear", "packed_embedding", "bnb_4bit", "bnb_int8",
                                      "tensor_subclass"}
 
 
@@ -50,8 +50,8 @@ def test_a_manifest_naming_an_unknown_kind_is_refused(tmp_path):
 def test_a_manifest_naming_a_tensor_class_outside_the_allowlist_is_refused(tmp_path, monkeypatch):
     out = _export(tmp_path, TORCHAO)
     imported = []
-    real = checkpoint.importlib.import_module
-    monkeypatch.setattr(checkpoint.importlib, "import_module", lambda n: imported.append(n) or real(n))
+    real = module_kinds.importlib.import_module
+    monkeypatch.setattr(module_kinds.importlib, "import_module", lambda n: imported.append(n) or real(n))
     _tamper(out, lambda m: m["meta"].update(tensor_class="os:system"))
     with pytest.raises(ConfigError, match="tensor class os:system is not one greenopt loads"):
         load(out)
@@ -74,4 +74,4 @@ def test_export_refuses_a_weight_tensor_class_it_could_not_load_back(tmp_path):
     m = torch.nn.Linear(4, 4)
     m.weight = torch.nn.Parameter(torch.zeros(4, 4).as_subclass(Foreign), requires_grad=False)
     with pytest.raises(ConfigError, match="not one greenopt loads"):
-        checkpoint._classify("layer", m)
+        module_kinds.classify("layer", m)
