@@ -3,8 +3,9 @@
 Reads a search run folder (``greenopt search ... --name NAME``), and compares two ways of choosing
 from the same trials:
 
-- **ladder**: what the search chose (``result.json``): trials promoted through the rungs, the
-  finalists and the baseline scored on ``final_limit`` items, confirmed energy;
+- **ladder**: what the search chose (``pareto.select`` on the study's records, as ``export --pick
+  best`` does): trials promoted through the rungs, the finalists and the baseline scored on
+  ``final_limit`` items, confirmed energy;
 - **one rung**: what the search did before the ladder: the feasible trial with the least loss
   on the first rung alone (``evaluation.limit`` items a task, 40 in the demo), on search-time
   energy (the trials the ladder confirmed are not the ones this rule would have confirmed).
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from greenopt.config import EvalSpec, SearchSpec, load_yaml, validated
+from greenopt.config import SearchSpec, load_yaml, validated
 from greenopt.env import cpu_flags, set_threads
 from greenopt.evaluate import evaluate
 from greenopt.evaluate.paired import paired_difference
@@ -41,7 +42,9 @@ from greenopt.label import load_scheme
 from greenopt.models import load_model
 from greenopt.records import TrialRecord
 from greenopt.runtimes import TransformersRuntime, deploy
-from greenopt.search.pareto import reaches
+from greenopt.search.pareto import reaches, select
+from greenopt.search.rundir import RunDir
+from greenopt.ship.from_run import run_records
 
 
 def one_rung_pick(records: list[TrialRecord], spec: SearchSpec) -> TrialRecord | None:
@@ -66,10 +69,8 @@ def main() -> int:
           f"CPU flags: {' '.join(cpu_flags()) or 'none of interest'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     spec = validated(SearchSpec, load_yaml(run / "search.yaml"), where=str(run / "search.yaml"))
-    records = [TrialRecord.model_validate_json(p.read_text()) for p in sorted((run / "trials").glob("*.json"))]
-    result = json.loads((run / "result.json").read_text())
-    chosen = result.get("chosen")
-    ladder = next((r for r in records if chosen and r.number == chosen["number"]), None)
+    records = run_records(RunDir(run), spec)  # the study: the run's source of truth
+    ladder = select(records, make_goal(load_scheme(spec.scheme), spec.target, spec.max_drop))
     old = one_rung_pick(records, spec)
     if ladder is None or old is None:
         print(f"nothing to compare: ladder pick {ladder and ladder.number}, one-rung pick {old and old.number}",

@@ -106,3 +106,33 @@ def test_the_plot_is_written(tmp_path):
     out = tmp_path / "s.png"
     plot_png(pts, load_scheme("relative-eu"), str(out), front=[(85, 0.44), (95, 0.45)], title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_ladder_picks_by_the_first_rung_among_feasible_trials():
+    """The one-rung rule: least first-rung loss among trials whose search-time class reaches the target."""
+    from bench_ladder import one_rung_pick
+
+    from greenopt.config import DepthStep, SearchSpec, Variant
+    from greenopt.label import grade_comparison, load_scheme
+    from greenopt.records import EvalResult, RungScore, TaskScore, TrialRecord
+    from greenopt.testing.search import fake_comparison
+
+    def rec(number, first_delta, eei, last_delta=None):
+        cmp = fake_comparison(eei, 2)
+        rungs = [RungScore(limit=40, n=80, mean_accuracy=0.6 + first_delta, baseline_accuracy=0.6)]
+        if last_delta is not None:
+            rungs.append(RungScore(limit=300, n=600, mean_accuracy=0.6 + last_delta, baseline_accuracy=0.6))
+        return TrialRecord(number=number, state="COMPLETE", variant=Variant(steps=(DepthStep(drop=number),)),
+                           variant_hash=f"h{number}", eval=EvalResult(scores=(TaskScore(task="a", metric="acc",
+                           value=0.6 + rungs[-1].delta, n=rungs[-1].n),), limit=40, seed=0), baseline_accuracy=0.6,
+                           comparison=cmp,
+                           grade=grade_comparison(cmp, load_scheme("relative-eu")), energy=cmp.eei,
+                           energy_ci=cmp.eei_ci, rungs=tuple(rungs))
+
+    spec = SearchSpec(target="A", max_drop=0.05)
+    recs = [rec(1, -0.04, 30.0, last_delta=-0.01),  # climbed: better on 300 items than it looked on 40
+            rec(2, -0.01, 30.0),  # lucky on 40 items: the one-rung rule takes it
+            rec(3, 0.02, 80.0),  # most accurate, but class D: not feasible
+            rec(4, -0.10, 30.0)]  # over the drop budget
+    assert one_rung_pick(recs, spec).number == 2
+    assert one_rung_pick(recs[2:], spec) is None
