@@ -166,6 +166,8 @@ Step = Annotated[
 
 
 RuntimeName = Literal["transformers", "onnxruntime-genai", "llama.cpp"]
+BlockSize = Literal[16, 32, 64, 128, 256]  # MatMulNBits block sizes (input features a scale covers)
+BLOCK_SIZES: tuple[int, ...] = get_args(BlockSize)
 #: The runtimes a variant can be deployed on, and the pip extra each needs beyond greenopt's pins.
 RUNTIME_EXTRAS: dict[str, str | None] = {"transformers": None, "onnxruntime-genai": "ort", "llama.cpp": "llamacpp"}
 #: llama.cpp's own quantization types (``llama_model_quantize``), as ``Deploy.weights`` spells them.
@@ -192,7 +194,7 @@ class Deploy(Strict):
     runtime: RuntimeName = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     weights: Literal["dense", "int8", "int4", LlamaCppWeights] = "dense"
-    block_size: Literal[16, 32, 64, 128, 256] = 32
+    block_size: BlockSize = 32
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     # transformers only: a static KV cache and the decode step compiled by torch.compile (inductor);
     # the compile seconds are reported apart from the measurement.

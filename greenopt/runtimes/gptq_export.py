@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from greenopt.compress.q_packed import SCALE_DTYPE, PackedEmbedding, PackedLinear, unpack
 from greenopt.compress.targeting import decoder_layers, in_target
 from greenopt.config import Deploy, QuantizeStep
+from greenopt.config.variant import BLOCK_SIZES
 from greenopt.errors import ConfigError, MoveError
 
 __all__ = ["GPTQ_BITS", "IMPORTED", "GptqExport", "gptq_tensors", "has_packed", "pack_int32", "step_refusal",
@@ -40,7 +41,6 @@ GPTQ_BITS = {4: "int4", 8: "int8"}
 #: What the build record says about weights that came from a greenopt quantize step.
 IMPORTED = "imported GPTQ codes (not re-quantized)"
 _METHODS = ("gptq", "rtn")  # affine integer codes per group of consecutive inputs: the GPTQ format
-_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes (Deploy.block_size)
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _REFUSED = "onnxruntime-genai cannot realise a quantize step"
@@ -139,8 +139,8 @@ def step_refusal(step: QuantizeStep, deploy: Deploy) -> str | None:
     if deploy.weights != GPTQ_BITS[b]:
         return (f"{_REFUSED} with {b}-bit codes on weights: {deploy.weights} (it imports them as MatMulNBits "
                 f"{GPTQ_BITS[b]}); set weights: {GPTQ_BITS[b]}")
-    if g not in _BLOCK_SIZES:
-        return (f"{_REFUSED} with group_size {g} (MatMulNBits blocks are {', '.join(map(str, _BLOCK_SIZES))} "
+    if g not in BLOCK_SIZES:
+        return (f"{_REFUSED} with group_size {g} (MatMulNBits blocks are {', '.join(map(str, BLOCK_SIZES))} "
                 "input features); set group_size to one of them")
     if deploy.block_size != g:
         return (f"{_REFUSED} with group_size {g} on block_size {deploy.block_size} (the imported codes keep their "
@@ -244,9 +244,9 @@ def _one_format(packed: dict[str, PackedLinear]) -> tuple[int, int]:
         if mod.bits not in GPTQ_BITS:
             raise ConfigError(f"{name}: {mod.bits}-bit codes; onnxruntime-genai imports 4-bit (int4) or 8-bit (int8) "
                               "GPTQ codes: quantize with bits 4 or 8, or runtime: transformers")
-        if mod.group_size not in _BLOCK_SIZES:
+        if mod.group_size not in BLOCK_SIZES:
             raise ConfigError(f"{name}: group size {mod.group_size} is not a MatMulNBits block size "
-                              f"({', '.join(map(str, _BLOCK_SIZES))}); quantize with one of them")
+                              f"({', '.join(map(str, BLOCK_SIZES))}); quantize with one of them")
         per = 32 // mod.bits
         if mod.out_features % per or mod.in_features % per:
             raise ConfigError(f"{name}: {mod.in_features}x{mod.out_features} does not fill {mod.bits}-bit int32 "

@@ -38,6 +38,7 @@ from greenopt.config import (
     Variant,
     WidthStep,
 )
+from greenopt.runtimes.gptq_export import GPTQ_BITS
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def _imported_codes(p: dict[str, Any], spec: SpaceSpec, deploy: Deploy) -> list[
 
 _PLAIN_STEPS = (DepthStep, WidthStep, PruneStep, HealStep)
 _HEALABLE = (DepthStep, WidthStep, MoefyStep, ExpertPruneStep, PruneStep)  # moves a heal can recover from
-_IMPORT_BITS = {"int4": 4, "int8": 8}
+_IMPORT_BITS = {weights: bits for bits, weights in GPTQ_BITS.items()}  # the builder imports these widths
 
 
 def _deploy(p: dict[str, Any], spec: SpaceSpec) -> Deploy:
@@ -336,10 +337,14 @@ def _quantize_steps(p: dict[str, Any], spec: SpaceSpec, num_layers: int,
     return steps
 
 
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def ties_embeddings(config: Any) -> bool:
     """Whether a model config says its input embedding and lm_head are one tensor."""
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else config
+    text = _text_config(config)
     return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
 
 
@@ -378,7 +383,6 @@ def space_for_model(space: SpaceSpec, config: Any) -> tuple[SpaceSpec, dict[str,
 
 def _linear_inputs(config: Any) -> tuple[int, ...]:
     """The decoder Linears' input widths a llama-like config gives (hidden, intermediate), or ()."""
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else config
+    text = _text_config(config)
     widths = (getattr(text, "hidden_size", None), getattr(text, "intermediate_size", None))
     return tuple(sorted({w for w in widths if isinstance(w, int)}))
